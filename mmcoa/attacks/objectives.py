@@ -1,0 +1,194 @@
+"""What an attack maximises, per task: zero-shot classification, embedding distance, retrieval.
+
+Image objectives return a differentiable per-sample loss; text objectives score candidate strings
+(encoded in deduplicated batches, no gradients). All follow the contract in ``base.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmcoa.attacks.base import ObjectiveOutput
+from mmcoa.models import ClipModel
+from mmcoa.zeroshot import ZeroShotClassifier
+
+# --- losses on logits ------------------------------------------------------------------------
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """max_{j != y} z_j - z_y: positive exactly when the sample is misclassified."""
+    true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    other = logits.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
+    return other - true
+
+
+def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Difference of logits ratio (Croce & Hein 2020), untargeted; needs >= 3 classes."""
+    srt, _ = logits.sort(dim=1)
+    denom = srt[:, -1] - srt[:, -3] + 1e-12
+    return margin(logits, labels) / denom
+
+
+def dlr_targeted_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2); needs >= 4 classes."""
+    srt, _ = logits.sort(dim=1)
+    true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    tgt = logits.gather(1, targets.view(-1, 1)).squeeze(1)
+    denom = srt[:, -1] - 0.5 * (srt[:, -3] + srt[:, -4]) + 1e-12
+    return -(true - tgt) / denom
+
+
+# --- image objectives ------------------------------------------------------------------------
+
+
+class ZeroShotImageObjective:
+    """Misclassify images against class prompts.
+
+    Args:
+        classifier: the zero-shot head (class embeddings precomputed).
+        labels: [B] true labels.
+        loss: ``ce`` | ``dlr`` | ``dlr_targeted`` | ``margin``.
+        targets: [B] target classes for ``dlr_targeted``.
+        true_emb: [B, D] optional adversarial embedding of each sample's true-class prompt
+            (Co-Attack: the image attack then moves away from the adversarial text).
+    """
+
+    def __init__(
+        self,
+        classifier: ZeroShotClassifier,
+        labels: torch.Tensor,
+        loss: str = "ce",
+        targets: torch.Tensor | None = None,
+        true_emb: torch.Tensor | None = None,
+    ):
+        if loss not in ("ce", "dlr", "dlr_targeted", "margin"):
+            raise ValueError(f"unknown zero-shot loss '{loss}'")
+        if loss == "dlr_targeted" and targets is None:
+            raise ValueError("dlr_targeted needs targets")
+        self.classifier, self.labels, self.loss, self.targets, self.true_emb = classifier, labels, loss, targets, true_emb
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    def logits(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        true_emb = None if self.true_emb is None else self.true_emb[index]
+        return self.classifier(images, true_emb, self.labels[index])
+
+    def with_loss(self, loss: str, targets: torch.Tensor | None = None) -> ZeroShotImageObjective:
+        return ZeroShotImageObjective(self.classifier, self.labels, loss, targets, self.true_emb)
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ObjectiveOutput:
+        logits = self.logits(images, index).float()
+        y = self.labels[index]
+        if self.loss == "ce":
+            value = F.cross_entropy(logits, y, reduction="none")
+        elif self.loss == "dlr":
+            value = dlr_loss(logits, y)
+        elif self.loss == "margin":
+            value = margin(logits, y)
+        else:
+            value = dlr_targeted_loss(logits, y, self.targets[index])
+        return ObjectiveOutput(value, (logits.argmax(1) != y).detach())
+
+
+class EmbeddingDistanceObjective:
+    """FARE's attack: maximise ||f(x') - f(x)||^2 in the (unnormalised) image embedding space."""
+
+    def __init__(self, model: ClipModel, clean_feats: torch.Tensor):
+        self.model, self.clean_feats = model, clean_feats.detach()
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ObjectiveOutput:
+        feats = self.model.encode_image(images, normalize=False)
+        return ObjectiveOutput(((feats - self.clean_feats[index]) ** 2).sum(-1))
+
+
+class RetrievalImageObjective:
+    """Image -> text retrieval: push each image's true caption down the ranking.
+
+    ``text_emb`` [T, D] are all candidate captions; ``positives`` [B] the caption index of each image.
+    Fooled = the true caption is no longer ranked first.
+    """
+
+    def __init__(self, model: ClipModel, text_emb: torch.Tensor, positives: torch.Tensor, scale: float = 100.0):
+        self.model, self.text_emb, self.positives, self.scale = model, text_emb.detach(), positives, scale
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ObjectiveOutput:
+        sims = self.scale * self.model.encode_image(images) @ self.text_emb.T
+        pos = self.positives[index]
+        return ObjectiveOutput(F.cross_entropy(sims, pos, reduction="none"), (sims.argmax(1) != pos).detach())
+
+
+# --- text objectives -------------------------------------------------------------------------
+
+
+class _TextEncoder:
+    """Encodes candidate strings once each (a batch has many duplicates), without gradients."""
+
+    def __init__(self, model: ClipModel, normalize: bool = True, batch_size: int = 512):
+        self.model, self.normalize, self.batch_size = model, normalize, batch_size
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        unique = list(dict.fromkeys(texts))
+        where = {t: i for i, t in enumerate(unique)}
+        chunks = [
+            self.model.encode_text(self.model.tokenize(unique[i : i + self.batch_size]), normalize=self.normalize)
+            for i in range(0, len(unique), self.batch_size)
+        ]
+        emb = torch.cat(chunks)
+        return emb[torch.tensor([where[t] for t in texts], device=emb.device)]
+
+
+class ZeroShotTextObjective:
+    """Per-sample threat model: the adversary edits the prompt of each sample's true class.
+
+    ``image_feats`` [B, D] are the (clean or adversarial) unit-norm image embeddings; the score of a
+    candidate prompt is the margin max_{j != y} z_j - z_y with z_y computed against the candidate.
+    """
+
+    def __init__(self, classifier: ZeroShotClassifier, image_feats: torch.Tensor, labels: torch.Tensor):
+        self.classifier, self.image_feats, self.labels = classifier, image_feats.detach(), labels
+        self.encode = _TextEncoder(classifier.model)
+
+    def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
+        emb = self.encode(texts)
+        feats, y = self.image_feats[owners], self.labels[owners]
+        with torch.no_grad():
+            logits = self.classifier.logits_from_features(feats, emb, y)
+        m = margin(logits.float(), y)
+        return ObjectiveOutput(m, m > 0)
+
+
+class EmbeddingKLObjective:
+    """MMCoA's text attack objective: KL(softmax(clean text emb) || softmax(adversarial text emb)).
+
+    Uses no image and no label. ``clean_emb`` [B, D] are the unnormalised clean text embeddings.
+    """
+
+    def __init__(self, model: ClipModel, clean_emb: torch.Tensor):
+        self.clean_logp = F.log_softmax(clean_emb.detach().float(), dim=-1)
+        self.encode = _TextEncoder(model, normalize=False)
+
+    def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
+        adv_logp = F.log_softmax(self.encode(texts).float(), dim=-1)
+        clean_logp = self.clean_logp[owners]
+        kl = (clean_logp.exp() * (clean_logp - adv_logp)).sum(-1)
+        return ObjectiveOutput(kl)
+
+
+class RetrievalTextObjective:
+    """Text -> image retrieval: push each caption's true image down the ranking.
+
+    ``image_feats`` [I, D] all gallery images; ``positives`` [B] the image index of each caption.
+    """
+
+    def __init__(self, model: ClipModel, image_feats: torch.Tensor, positives: torch.Tensor):
+        self.image_feats, self.positives = image_feats.detach(), positives
+        self.encode = _TextEncoder(model)
+
+    def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
+        sims = self.encode(texts) @ self.image_feats.T
+        m = margin(sims.float(), self.positives[owners])
+        return ObjectiveOutput(m, m > 0)

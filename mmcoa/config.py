@@ -1,0 +1,241 @@
+"""The params model: one pydantic tree for every stage, frozen, unknown keys rejected.
+
+Hyperparameters live here; paths do not (the caller passes them). Epsilons are integers or
+floats in 1/255 units for L-inf (``eps_255``) and plain floats for L2 (``eps``), so a params
+file reads the way papers write budgets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    """Base of every params block: immutable, and a typo is an error, not a silent default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataParams(Strict):
+    """Which dataset, and how much of it (stratified subsets drawn from ``seed``)."""
+
+    dataset: str = "fashion_mnist"
+    root: str | None = Field(None, description="Raw-data folder; None = the dataset's default location")
+    download: bool = Field(False, description="Allow torchvision to download when files are missing")
+    n_train: int = Field(20000, ge=10)
+    n_test: int = Field(1000, ge=10)
+    image_size: int | None = Field(None, ge=8, description="Resize at fetch time; None = native size")
+
+
+class ModelParams(Strict):
+    """The model under test: a shipped/open_clip architecture, optionally with pretrained weights.
+
+    ``pretrained`` is an open_clip tag (``openai``), a local ``.safetensors``/``.pt`` file, or
+    None to train from scratch. ``arch`` may also be ``hf-hub:org/name``.
+    """
+
+    arch: str = "mmcoa-tiny-fmnist"
+    pretrained: str | None = None
+
+
+class PretrainParams(Strict):
+    """Contrastive pre-training from scratch (the embedded default has no pretrained CLIP)."""
+
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    same_class_targets: bool = Field(True, description="Count same-class pairs of a batch as positives")
+
+
+class BaseParams(Strict):
+    model: ModelParams = ModelParams()
+    pretrain: PretrainParams = PretrainParams()
+    templates: list[str] = Field(
+        default_factory=lambda: ["a photo of a {c}."],
+        min_length=1,
+        description="Caption templates for pre-training",
+    )
+
+
+class ZeroShotParams(Strict):
+    """How class prompts are built for zero-shot classification and for text attacks."""
+
+    templates: list[str] | None = Field(
+        None, description="None = the dataset's own template (field-standard)"
+    )
+    batch_size: int = Field(256, ge=1)
+
+
+class ImageAttackParams(Strict):
+    """An image threat model used at training time (PGD in pixel space)."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps_255: float = Field(1.0, ge=0, le=255)
+    eps: float | None = Field(None, ge=0, description="L2 radius (pixel units); used when norm=l2")
+    step_255: float = Field(1.0, gt=0)
+    steps: int = Field(10, ge=0)
+    random_start: bool = True
+
+
+class TextAttackParams(Strict):
+    """A text threat model used at training time (word substitution)."""
+
+    word_budget: int = Field(1, ge=0)
+    candidates: str = "glove"
+    k: int = Field(10, ge=1, description="Candidates per position")
+    cos_threshold: float = Field(0.5, ge=-1, le=1)
+    mlm_name: str = "bert-base-uncased"
+
+
+class FinetuneParams(Strict):
+    """Adversarial fine-tuning: one training loop, a defense chosen by name."""
+
+    methods: list[str] = Field(default_factory=lambda: ["mmcoa"], min_length=1)
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(128, ge=2)
+    accum_steps: int = Field(1, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    logit_scale_max: float = Field(100.0, gt=0, description="Clamp of exp(logit_scale), as TeCoA")
+    same_class_targets: bool = Field(False, description="MMCoA fidelity: off (diagonal targets)")
+    checkpoint_every: int = Field(25, ge=1)
+    amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
+    compile: bool = False
+    image_attack: ImageAttackParams = ImageAttackParams()
+    text_attack: TextAttackParams = TextAttackParams()
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-method overrides of any key above, e.g. {fare: {image_attack: {eps_255: 2}}}",
+    )
+
+    def for_method(self, method: str) -> FinetuneParams:
+        """These params with ``overrides[method]`` merged in (validated again)."""
+        extra = self.overrides.get(method)
+        if not extra:
+            return self
+        merged = _deep_merge(self.model_dump(), extra)
+        merged["overrides"] = {}
+        return FinetuneParams.model_validate(merged)
+
+
+class AttackSpec(Strict):
+    """One entry of an evaluation suite: a metric name, a registered attack and its params."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    attack: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluateParams(Strict):
+    """The attack suite run on every model (base and each fine-tuned one)."""
+
+    n_samples: int = Field(500, ge=1)
+    batch_size: int = Field(250, ge=1)
+    suite: list[AttackSpec] = Field(default_factory=list)
+    sweep: AttackSpec | None = Field(None, description="Attack re-run at each eps of sweep_eps_255")
+    sweep_eps_255: list[float] = Field(default_factory=list)
+    n_examples: int = Field(6, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvaluateParams:
+        names = [s.name for s in self.suite]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"suite names must be unique; repeated: {dupes}")
+        if "clean" in names:
+            raise ValueError("'clean' is reserved for clean accuracy; rename that suite entry")
+        return self
+
+
+class Params(Strict):
+    """Every stage's params, as in params.yaml."""
+
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None = torch default")
+    data: DataParams = DataParams()
+    base: BaseParams = BaseParams()
+    zeroshot: ZeroShotParams = ZeroShotParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the key and how to fix it."""
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"{dotted}: '{part}' is not a params group; cannot set '{leaf}' under it")
+    node[leaf] = value
+
+
+def describe_error(err: ValidationError) -> str:
+    """One line per problem: ``key.path: what is wrong``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml)"
+        lines.append(f"{loc}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_params(raw: dict | None, overrides: dict[str, Any] | None = None) -> Params:
+    """Validate a params tree plus dotted overrides (``finetune.lr=1e-4``) into :class:`Params`."""
+    tree = dict(raw or {})
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ParamsError(describe_error(err)) from None
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Read a YAML params file; raise :class:`ParamsError` with the offending key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (pass --params PATH)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of params groups")
+    return parse_params(raw, overrides)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` with the value read as YAML (numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ParamsError(f"override '{text}' must look like key.path=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
