@@ -1,0 +1,24 @@
+"""Attacks: image, text and multimodal, behind one registry (``create_attack``, ``list_attacks``)."""
+
+from mmcoa.attacks.base import (
+    Attack,
+    AttackError,
+    AttackParams,
+    ObjectiveOutput,
+    attack_class,
+    create_attack,
+    list_attacks,
+    register_attack,
+)
+from mmcoa.attacks import image  # noqa: F401  (registers the image attacks)
+
+__all__ = [
+    "Attack",
+    "AttackError",
+    "AttackParams",
+    "ObjectiveOutput",
+    "attack_class",
+    "create_attack",
+    "list_attacks",
+    "register_attack",
+]

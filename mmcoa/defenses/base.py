@@ -1,0 +1,129 @@
+"""The defense contract and registry, and the CLIP contrastive loss they share.
+
+A defense is a training loss: ``loss(model, images, labels) -> DefenseOutput``. It builds its own
+adversarial examples (on the plain module, gradients with respect to inputs only), and it declares
+which towers train (``trains``) and whether it needs a frozen copy of the original model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mmcoa import distributed as dist
+from mmcoa.attacks import create_attack
+from mmcoa.attacks.image import ImageAttack
+from mmcoa.config import ImageAttackParams, TextAttackParams
+from mmcoa.models import ClipModel
+
+
+@dataclass
+class DefenseContext:
+    """What a defense needs besides the batch: class prompts, train-time threat models, options."""
+
+    classnames: list[str]
+    template: str = "This is a photo of a {c}"
+    image_attack: ImageAttackParams = field(default_factory=ImageAttackParams)
+    text_attack: TextAttackParams = field(default_factory=TextAttackParams)
+    logit_scale_max: float = 100.0
+    same_class_targets: bool = False
+    original: ClipModel | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def captions(self, labels: torch.Tensor) -> list[str]:
+        return [self.template.format(c=self.classnames[i]) for i in labels.tolist()]
+
+
+@dataclass
+class DefenseOutput:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Defense:
+    """Base class. ``trains`` lists the towers whose parameters the optimiser updates."""
+
+    name: ClassVar[str] = ""
+    trains: ClassVar[tuple[str, ...]] = ("image", "text", "scale")
+    needs_original: ClassVar[bool] = False
+
+    def __init__(self, model: ClipModel, ctx: DefenseContext):
+        self.ctx = ctx
+        if self.needs_original and ctx.original is None:
+            raise ValueError(f"defense '{self.name}' needs the frozen original model (ctx.original)")
+
+    def loss(self, model: ClipModel, images: torch.Tensor, labels: torch.Tensor) -> DefenseOutput:
+        raise NotImplementedError
+
+    # helpers shared by the defenses -------------------------------------------------------
+
+    def scale(self, model: ClipModel) -> torch.Tensor:
+        """exp(logit_scale), clamped as TeCoA does (the clamp also stops its gradient above max)."""
+        return model.logit_scale.clamp(max=self.ctx.logit_scale_max)
+
+    def image_attack(self) -> ImageAttack:
+        a = self.ctx.image_attack
+        budget = {"eps_255": a.eps_255, "step_255": a.step_255} if a.norm == "linf" else {"eps": a.eps}
+        return create_attack("pgd", norm=a.norm, steps=a.steps, random_start=a.random_start, **budget)
+
+    def encode_captions(self, model: ClipModel, texts: list[str]) -> torch.Tensor:
+        """Unit-norm embeddings of per-sample captions, each distinct caption encoded once."""
+        unique = list(dict.fromkeys(texts))
+        emb = model.encode_text(model.tokenize(unique))
+        where = {t: i for i, t in enumerate(unique)}
+        return emb[torch.tensor([where[t] for t in texts], device=emb.device)]
+
+
+_REGISTRY: dict[str, type[Defense]] = {}
+
+
+def register_defense(name: str):
+    def deco(cls: type[Defense]) -> type[Defense]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_defenses() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_defense(name: str, model: ClipModel, ctx: DefenseContext) -> Defense:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown defense '{name}'; registered: {', '.join(list_defenses())}")
+    return _REGISTRY[name](model, ctx)
+
+
+def defense_class(name: str) -> type[Defense]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown defense '{name}'; registered: {', '.join(list_defenses())}")
+    return _REGISTRY[name]
+
+
+def clip_loss(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    scale: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch (features gathered across ranks).
+
+    Targets are the diagonal, as in CLIP and MMCoA; with ``labels``, every same-class pair counts
+    as a positive (rows normalised), which a batch of templated class captions needs when training
+    from scratch.
+    """
+    img = dist.gather_with_grad(image_feats)
+    txt = dist.gather_with_grad(text_feats)
+    logits = scale * img @ txt.T
+    if labels is None:
+        target = torch.arange(len(img), device=img.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    y = dist.gather(labels)
+    same = (y.view(-1, 1) == y.view(1, -1)).to(logits.dtype)
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

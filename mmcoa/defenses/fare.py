@@ -1,0 +1,29 @@
+"""FARE (Schlarmann et al., ICML 2024): unsupervised robust fine-tuning of the image tower.
+
+loss = ||f(x') - f_orig(x)||^2 with x' maximising the same distance. No labels or text are used,
+so the robust encoder stays a drop-in replacement for the original one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmcoa.attacks.objectives import EmbeddingDistanceObjective
+from mmcoa.defenses.base import Defense, DefenseOutput, register_defense
+
+
+@register_defense("fare")
+class FARE(Defense):
+    trains = ("image",)
+    needs_original = True
+
+    def __init__(self, model, ctx):
+        super().__init__(model, ctx)
+        self.pgd = self.image_attack()
+
+    def loss(self, model, images, labels):
+        with torch.no_grad():
+            target = self.ctx.original.encode_image(images, normalize=False)
+        adv = self.pgd.perturb(images, EmbeddingDistanceObjective(model, target))
+        loss = ((model.encode_image(adv, normalize=False) - target) ** 2).sum(-1).mean()
+        return DefenseOutput(loss, {"loss": loss.item()})
