@@ -56,11 +56,7 @@ class PretrainParams(Strict):
 class BaseParams(Strict):
     model: ModelParams = ModelParams()
     pretrain: PretrainParams = PretrainParams()
-    templates: list[str] = Field(
-        default_factory=lambda: ["a photo of a {c}."],
-        min_length=1,
-        description="Caption templates for pre-training",
-    )
+    template: str = Field("a photo of a {c}.", description="Caption template for pre-training")
 
 
 class ZeroShotParams(Strict):
@@ -97,6 +93,8 @@ class FinetuneParams(Strict):
     """Adversarial fine-tuning: one training loop, a defense chosen by name."""
 
     methods: list[str] = Field(default_factory=lambda: ["mmcoa"], min_length=1)
+    template: str | None = Field(None, description="Caption template; None = the dataset's first template")
+    options: dict[str, float] = Field(default_factory=dict, description="Method options, e.g. pmg_aft alpha/beta")
     steps: int = Field(100, ge=1)
     batch_size: int = Field(128, ge=2)
     accum_steps: int = Field(1, ge=1)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment with the pinned stack, and the Fashion-MNIST files.
+# Usage: scripts/setup.sh [test]   ("test" adds the test-only packages)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+EXTRA=${1:-}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+
+# Reinstall only when the dependency list changed (a stamp keyed by pyproject.toml and this script).
+stamp="$VENV/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)${EXTRA:+-$EXTRA}"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing dependencies into $VENV" >&2
+  "$VENV/bin/pip" install --quiet --upgrade pip
+  if [ "$EXTRA" = "test" ]; then
+    "$VENV/bin/pip" install --quiet -e ".[test]"
+    # torchattacks is a test oracle; its pinned requests would downgrade what dvc needs, hence --no-deps.
+    "$VENV/bin/pip" install --quiet --no-deps "torchattacks==3.5.1"
+  else
+    "$VENV/bin/pip" install --quiet -e .
+  fi
+  # clip-benchmark ships the field's class names and prompt templates; only its JSON files are used.
+  "$VENV/bin/pip" install --quiet --no-deps "clip-benchmark==1.6.2"
+  touch "$stamp"
+fi
+
+# Fashion-MNIST: Debian's package where it can be installed; otherwise say how to get it.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! -f data/raw/FashionMNIST/raw/train-images-idx3-ubyte ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing dataset-fashion-mnist" >&2
+    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)
+  else
+    echo "setup: Fashion-MNIST not found. Install the Debian package dataset-fashion-mnist," >&2
+    echo "       or set data.download: true in params.yaml to let torchvision download it." >&2
+  fi
+fi

@@ -1,0 +1,138 @@
+"""What every stage shares: params loading, device and seeding, atomic outputs, console, progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mmcoa.config import Params, ParamsError, load_params, parse_override
+
+console = Console(stderr=True)
+
+PARAMS_OPTION = typer.Option("params.yaml", "--params", help="Params file (YAML) validated by the params model.")
+SET_OPTION = typer.Option(
+    None, "--set", "-S", help="Override a param: -S finetune.lr=1e-4 (repeatable; value read as YAML)."
+)
+
+
+class StageError(Exception):
+    """A user-facing error: printed on one line, exit status ``code``, nothing written."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def load(params_path: str | Path, overrides: list[str] | None = None) -> Params:
+    """Validated params, or a :class:`StageError` (exit 2) that names the key."""
+    try:
+        pairs = dict(parse_override(o) for o in overrides or [])
+        params = load_params(params_path, pairs)
+    except ParamsError as err:
+        raise StageError(f"invalid params: {err}") from None
+    _check_registered(params)
+    return params
+
+
+def _check_registered(p: Params) -> None:
+    """Names and nested params that only the registries can check (defenses, attacks, datasets)."""
+    from mmcoa.attacks import AttackError, create_attack
+    from mmcoa.data import list_datasets
+    from mmcoa.defenses import list_defenses
+
+    if p.data.dataset not in list_datasets():
+        raise StageError(f"invalid params: data.dataset: unknown '{p.data.dataset}'; registered: {', '.join(list_datasets())}")
+    for i, m in enumerate(p.finetune.methods):
+        if m not in list_defenses():
+            raise StageError(f"invalid params: finetune.methods[{i}]: unknown defense '{m}'; registered: {', '.join(list_defenses())}")
+    for m in p.finetune.overrides:
+        if m not in list_defenses():
+            raise StageError(f"invalid params: finetune.overrides.{m}: unknown defense; registered: {', '.join(list_defenses())}")
+        try:
+            p.finetune.for_method(m)
+        except Exception as err:  # pydantic error text names the key
+            raise StageError(f"invalid params: finetune.overrides.{m}: {str(err).splitlines()[0]}") from None
+    specs = [(f"evaluate.suite[{i}]", s) for i, s in enumerate(p.evaluate.suite)]
+    if p.evaluate.sweep is not None:
+        specs.append(("evaluate.sweep", p.evaluate.sweep))
+    for where, spec in specs:
+        try:
+            create_attack(spec.attack, **spec.params)
+        except (AttackError, ValueError) as err:
+            raise StageError(f"invalid params: {where} ({spec.name}): {err}") from None
+
+
+def setup_runtime(params: Params) -> torch.device:
+    """Seed every generator from the one base seed, set threads, and pick the device."""
+    random.seed(params.seed)
+    np.random.seed(params.seed)
+    torch.manual_seed(params.seed)
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    from mmcoa import distributed as dist
+
+    if params.device == "auto":
+        device = torch.device(f"cuda:{dist.local_rank()}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(params.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise StageError(f"device: '{params.device}' requested but CUDA is not available; use device: auto or cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_from_env(device)
+    return device
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``target`` whole, on error it vanishes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    os.replace(tmp, target)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Stable JSON (sorted keys, no timestamps) written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def progress() -> Progress:
+    """A rich progress bar on stderr; plain (no live redraw) when stderr is not a terminal."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not sys.stderr.isatty(),
+    )
+
+
+def log(message: str) -> None:
+    console.print(message, highlight=False)

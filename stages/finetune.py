@@ -1,0 +1,87 @@
+"""`mmcoa finetune`: adversarially fine-tune the base model with one defense (MMCoA, TeCoA, ...)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+from pathlib import Path
+
+import typer
+
+from mmcoa.data import load_prepared
+from mmcoa.defenses import DefenseContext, create_defense, defense_class
+from mmcoa.models import load_model, save_model
+from mmcoa.train import CheckpointMismatch, TrainConfig, TrainingDiverged, params_hash, train
+from stages.common import PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def finetune(
+    method: str = typer.Option(..., help="Defense to train with (see `mmcoa defenses`)."),
+    base: Path = typer.Option(Path("models/base"), help="Model to start from (from `mmcoa base`)."),
+    data: Path = typer.Option(Path("data/prepared"), help="Prepared dataset folder."),
+    out: Path = typer.Option(None, help="Output model folder [default: models/METHOD]."),
+    checkpoint_dir: Path = typer.Option(
+        None, help="Where periodic checkpoints go [default: checkpoints/METHOD-HASH]; a rerun resumes from it."
+    ),
+    keep_checkpoint: bool = typer.Option(False, help="Keep the checkpoint folder after success."),
+    params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
+) -> None:
+    """Fine-tune with METHOD using finetune.* params (merged with finetune.overrides[METHOD])."""
+    p = load(params, set_)
+    try:
+        cls = defense_class(method)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    f = p.finetune.for_method(method)
+    device = setup_runtime(p)
+    out = out or Path("models") / method
+    train_set = load_prepared(data, "train")
+    model = load_model(base, device)
+    original = None
+    if cls.needs_original:
+        original = copy.deepcopy(model).eval()
+        for prm in original.parameters():
+            prm.requires_grad_(False)
+    ctx = DefenseContext(
+        train_set.classnames, f.template or train_set.templates[0], f.image_attack, f.text_attack,
+        f.logit_scale_max, f.same_class_targets, original, dict(f.options),
+    )
+    cfg = TrainConfig(
+        steps=f.steps, batch_size=f.batch_size, lr=f.lr, optimizer=f.optimizer, betas=f.betas, eps=f.eps,
+        weight_decay=f.weight_decay, schedule=f.schedule, warmup_steps=f.warmup_steps, grad_clip=f.grad_clip,
+        accum_steps=f.accum_steps, logit_scale_max=f.logit_scale_max, checkpoint_every=f.checkpoint_every,
+        amp=f.amp, compile=f.compile, seed=p.seed,
+    )
+    run_hash = params_hash(method, f.model_dump(mode="json"), p.seed, _file_hash(base / "open_clip_model.safetensors"))
+    ckpt_dir = checkpoint_dir or Path("checkpoints") / f"{method}-{run_hash}"
+    defense = create_defense(method, model, ctx)
+    try:
+        with progress() as bar:
+            task = bar.add_task(f"finetune {method}", total=cfg.steps)
+            history = train(model, defense, train_set, cfg, ckpt_dir, run_hash,
+                            on_step=lambda s, logs: bar.update(task, completed=s))
+    except CheckpointMismatch as err:
+        raise StageError(str(err)) from None
+    except TrainingDiverged as err:
+        raise StageError(f"training diverged: {err}", code=1) from None
+    from mmcoa import distributed as dist
+
+    if dist.is_main():
+        with atomic_dir(out) as tmp:
+            save_model(model, tmp)
+            write_json(tmp / "history.json", [{k: round(v, 6) for k, v in h.items()} for h in history])
+            write_json(tmp / "finetune.json", {"method": method, "trains": list(cls.trains), **f.model_dump(mode="json")})
+        if not keep_checkpoint:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        last = history[-1] if history else {}
+        log(f"finetune: {method} {cfg.steps} steps (loss {last.get('loss', float('nan')):.4f}) -> {out}")
