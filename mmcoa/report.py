@@ -95,9 +95,10 @@ def save_examples_figure(examples: dict[str, Any], classnames: list[str], path: 
             img = ex["images"][c].clamp(0, 1)
             ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
             ok = preds[c] == ex["label"][c]
-            ax.set_title(f"{classnames[preds[c]][:12]}", fontsize=7, color="green" if ok else "red")
+            caption = classnames[preds[c]][:12] if ok else f"{classnames[preds[c]][:10]}\n(is {classnames[ex['label'][c]][:10]})"
+            ax.set_title(caption, fontsize=7, color="green" if ok else "red")
         axes[r][0].text(-0.15, 0.5, name, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
-    fig.suptitle(f"{title}: predictions (green = correct, red = wrong)", fontsize=9)
+    fig.suptitle(f"{title}: predicted class per attack (green = correct, red = wrong, true class in brackets)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
@@ -162,7 +163,7 @@ def findings(results: list[dict]) -> list[str]:
             continue
         drop = acc(base, "clean") - acc(base, attack)
         lines.append(f"Base model under the {attack} attack: {_fmt(acc(base, attack))}% "
-                     f"({100 * drop:+.1f} points from clean {_fmt(acc(base, 'clean'))}%).")
+                     f"({-100 * drop:+.1f} points from clean {_fmt(acc(base, 'clean'))}%).")
     for name, r in by.items():
         if name == "base":
             continue

@@ -10,7 +10,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
 
@@ -53,6 +52,11 @@ def list_datasets() -> list[str]:
 
 
 def create_source(name: str) -> DatasetSource:
+    """A registered source by name; ``folder:PATH`` is an ImageFolder tree (PATH/train, PATH/test)."""
+    if name.startswith("folder:"):
+        from mmcoa.data.sources import image_folder
+
+        return image_folder(name.removeprefix("folder:"))
     if name not in _REGISTRY:
         raise DataError(f"unknown dataset '{name}'; registered: {', '.join(list_datasets())}")
     return _REGISTRY[name]()
@@ -90,15 +94,16 @@ def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(chosen)
 
 
-def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
-    if size is None or tuple(images.shape[-2:]) == (size, size):
+def _resize(images: torch.Tensor | list[torch.Tensor], size: int | None) -> torch.Tensor:
+    """CLIP-style resize: shortest side to ``size``, then a centre crop (uint8 in, uint8 out)."""
+    from torchvision.transforms.functional import center_crop, resize
+
+    if isinstance(images, torch.Tensor) and (size is None or tuple(images.shape[-2:]) == (size, size)):
         return images
-    out = []
-    for i in range(0, len(images), 1024):
-        x = images[i : i + 1024].float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out.append(x.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)
+    if size is None:
+        raise DataError("images differ in size; set data.image_size to resize them")
+    out = [center_crop(resize(img, size, antialias=True), [size, size]) for img in images]
+    return torch.stack(out)
 
 
 def prepare(
@@ -125,7 +130,8 @@ def prepare(
         if not meta["classnames"]:
             meta["classnames"] = list(file_names)
         keep = torch.from_numpy(_stratified(labels.numpy(), n, seed + salt))
-        images, labels = _resize(images[keep], image_size).contiguous(), labels[keep].contiguous()
+        picked = images[keep] if isinstance(images, torch.Tensor) else [images[i] for i in keep.tolist()]
+        images, labels = _resize(picked, image_size).contiguous(), labels[keep].contiguous()
         tmp = out_dir / f"{split}.safetensors.tmp"
         save_file({"images": images, "labels": labels.to(torch.int64)}, str(tmp))
         staged.append((tmp, out_dir / f"{split}.safetensors"))

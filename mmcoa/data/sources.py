@@ -122,9 +122,8 @@ def _torchvision_loader(cls_name: str, split_kw: dict[str, dict]):
             images.append(pil_to_tensor(img.convert("RGB")))
             labels.append(int(label))
         sizes = {tuple(i.shape) for i in images}
-        if len(sizes) > 1:
-            raise DataError(f"{cls_name}: images differ in size; set data.image_size to resize them")
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64), names
+        stacked = torch.stack(images) if len(sizes) == 1 else images  # `prepare` resizes a list
+        return stacked, torch.tensor(labels, dtype=torch.int64), names
 
     return load
 
@@ -151,3 +150,31 @@ _register_torchvision("stl10", "STL10", {"train": {"split": "train"}, "test": {"
 
 
 _register_torchvision("cifar100", "CIFAR100", {"train": {"train": True}, "test": {"train": False}}, (), "This is a photo of a {c}")
+
+
+# --- any ImageFolder tree ------------------------------------------------------------------------
+
+
+def image_folder(path: str) -> DatasetSource:
+    """``PATH/{train,test}/<class>/<image>``: torchvision's ImageFolder layout (ImageNet-style)."""
+    base = Path(path).expanduser()
+
+    def load(root: Path, split: str, download: bool):
+        from PIL import Image
+        from torchvision.datasets import ImageFolder
+        from torchvision.transforms.functional import pil_to_tensor
+
+        folder = base / split
+        if not folder.is_dir():
+            raise DataError(f"{folder}: missing; an image folder dataset needs {base}/train and {base}/test")
+        ds = ImageFolder(str(folder))
+        images = []
+        for file, _ in ds.samples:
+            with Image.open(file) as img:
+                images.append(pil_to_tensor(img.convert("RGB")))
+        labels = torch.tensor(ds.targets, dtype=torch.int64)
+        names = tuple(c.replace("_", " ") for c in ds.classes)
+        same = len({tuple(i.shape) for i in images}) == 1
+        return (torch.stack(images) if same else images), labels, names
+
+    return DatasetSource(f"folder_{base.name}", (), ("a photo of a {c}.",), load)
