@@ -1,0 +1,122 @@
+"""The CLI and the DVC pipeline, for real: a tiny `dvc repro` in a temporary git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "seed": 0,
+    "threads": 2,
+    "data": {"dataset": "fashion_mnist", "root": "data/raw", "n_train": 1000, "n_test": 100},
+    "base": {"model": {"arch": "mmcoa-test-micro"}, "pretrain": {"steps": 40, "batch_size": 128}},
+    "finetune": {
+        "methods": ["tecoa", "mmcoa"],
+        "steps": 2,
+        "batch_size": 16,
+        "checkpoint_every": 1,
+        "image_attack": {"steps": 1},
+        "text_attack": {"word_budget": 1, "k": 3},
+    },
+    "evaluate": {
+        "n_samples": 40,
+        "batch_size": 40,
+        "n_examples": 3,
+        "suite": [
+            {"name": "image", "attack": "pgd", "params": {"eps_255": 4, "steps": 3}},
+            {"name": "text", "attack": "word", "params": {"word_budget": 1, "k": 3}},
+            {"name": "multimodal", "attack": "multimodal", "params": {
+                "mode": "co_attack",
+                "image": {"attack": "pgd", "params": {"eps_255": 4, "steps": 3}},
+                "text": {"attack": "word", "params": {"word_budget": 1, "k": 3}}}},
+        ],
+        "sweep": {"name": "sweep", "attack": "pgd", "params": {"steps": 2}},
+        "sweep_eps_255": [2, 64],
+    },
+}
+
+
+def run(args, cwd, check=True, **kw):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def make_repo(tmp_path: Path, params: dict) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("mmcoa", "stages"):
+        shutil.copytree(REPO / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+    for item in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / item, repo / item)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "t@example.com"], repo)
+    run(["git", "config", "user.name", "t"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "init"], repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_tiny_dvc_repro_produces_the_metric_contract(tmp_path):
+    repo = make_repo(tmp_path, TINY)
+    run(["dvc", "repro"], repo)
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    for model in ("base", "tecoa", "mmcoa"):
+        for attack in ("clean", "image", "text", "multimodal"):
+            key = f"{model}.fashion_mnist.{attack}.acc"
+            assert key in metrics, key
+            assert 0.0 <= metrics[key] <= 1.0
+    assert (repo / "reports" / "report.md").read_text().startswith("# Robustness report")
+    assert (repo / "reports" / "figures" / "sweep.png").stat().st_size > 1000
+    # Nothing left to do, and a second repro runs nothing.
+    status = run(["dvc", "status"], repo).stdout
+    assert "changed" not in status and "modified" not in status, status
+    again = run(["dvc", "repro"], repo).stdout
+    assert "Running stage" not in again, again
+    # An experiment with a changed fine-tuning param is listed with its metrics.
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline run"], repo)
+    run(["dvc", "exp", "run", "-S", "finetune.lr=0.0001", "-n", "lr-up"], repo)
+    shown = run(["dvc", "exp", "show", "--json"], repo).stdout
+    assert "lr-up" in shown and "mmcoa.fashion_mnist.multimodal.acc" in shown
+
+
+def test_bad_params_exit_2_and_write_nothing(tmp_path):
+    cases = {
+        "unknown key": ({"finetune": {"lrr": 1}}, "finetune.lrr"),
+        "wrong type": ({"finetune": {"steps": "many"}}, "finetune.steps"),
+        "out of range": ({"data": {"n_test": -5}}, "data.n_test"),
+        "unknown attack param": ({"evaluate": {"suite": [{"name": "image", "attack": "pgd", "params": {"epz": 1}}]}}, "epz"),
+        "unknown defense": ({"finetune": {"methods": ["nope"]}}, "finetune.methods"),
+    }
+    for label, (tree, key) in cases.items():
+        path = tmp_path / f"{label.replace(' ', '_')}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        for stage in (["fetch", "--out", str(tmp_path / "out")], ["finetune", "--method", "mmcoa", "--out", str(tmp_path / "out")]):
+            res = run(["mmcoa", *stage, "--params", str(path)], tmp_path, check=False)
+            assert res.returncode == 2, (label, res.stderr)
+            assert key in res.stderr, (label, res.stderr)
+            assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+            assert not (tmp_path / "out").exists()
+
+
+def test_attack_list_and_cli_help(tmp_path):
+    res = run(["mmcoa", "attack", "--list"], tmp_path)
+    for name in ("pgd", "word", "multimodal"):
+        assert name in res.stdout
+    assert "finetune" in run(["mmcoa", "--help"], tmp_path).stdout
