@@ -56,7 +56,7 @@ class PretrainParams(Strict):
 class BaseParams(Strict):
     model: ModelParams = ModelParams()
     pretrain: PretrainParams = PretrainParams()
-    template: str = Field("a photo of a {c}.", description="Caption template for pre-training")
+    template: str | None = Field(None, description="Caption template for pre-training; None = the dataset's first")
 
 
 class ZeroShotParams(Strict):

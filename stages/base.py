@@ -32,7 +32,8 @@ def base(
     if spec.pretrained is None:
         train_set = load_prepared(data, "train")
         pre = p.base.pretrain
-        ctx = DefenseContext(train_set.classnames, p.base.template, same_class_targets=pre.same_class_targets)
+        template = p.base.template or train_set.templates[0]
+        ctx = DefenseContext(train_set.classnames, template, same_class_targets=pre.same_class_targets)
         cfg = TrainConfig(
             steps=pre.steps, batch_size=pre.batch_size, lr=pre.lr, optimizer="adamw", weight_decay=pre.weight_decay,
             schedule="cosine", warmup_steps=pre.warmup_steps, seed=p.seed, checkpoint_every=10**9,

@@ -11,6 +11,8 @@ from mmcoa.attacks.base import (
     register_attack,
 )
 from mmcoa.attacks import image  # noqa: F401  (registers the image attacks)
+from mmcoa.attacks import apgd  # noqa: F401  (registers apgd_ce, apgd_t and the aa suite)
+from mmcoa.attacks import text  # noqa: F401  (registers the text attacks)
 
 __all__ = [
     "Attack",

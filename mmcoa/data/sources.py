@@ -91,7 +91,9 @@ def _load_fashion_mnist(root: Path, split: str, download: bool):
 
 @register_dataset("fashion_mnist")
 def fashion_mnist() -> DatasetSource:
-    return DatasetSource("fashion_mnist", FASHION_CLASSES, ("a photo of a {c}.",), _load_fashion_mnist)
+    # Fashion-MNIST images are 28 px grayscale product photos; the template says so, which also gives
+    # a text attack more than one content word to work on ("photo" alone otherwise).
+    return DatasetSource("fashion_mnist", FASHION_CLASSES, ("a low resolution grayscale photo of a {c}.",), _load_fashion_mnist)
 
 
 # --- torchvision classification sets (paper profile) ------------------------------------------

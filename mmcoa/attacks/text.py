@@ -1,0 +1,464 @@
+"""Text attacks: one greedy substitution engine behind a word-level ("word") and a character-level
+("char") attack.
+
+The engine (:func:`greedy_substitute`), for a batch of texts and a :class:`TextObjective`:
+
+1. scores every clean text and, for word importance, every text with one editable word replaced by
+   ``[UNK]`` -- all in ONE objective call; importance = loss(masked) - loss(clean);
+2. walks each sample's positions in decreasing importance (at most ``max_positions``); in every round
+   each unfinished sample offers all candidates for its next position, and the candidates of the whole
+   batch are scored in ONE objective call (never one text at a time);
+3. keeps the best candidate when it raises the loss; stops a sample when it is fooled, when its
+   positions run out, or when the budget is used. An edit that would use the last unit of budget
+   without fooling is not committed at once: the best such edit over the remaining positions is kept
+   aside and applied at the end (so with a budget of one word the walk finds the best single
+   substitution over all visited positions, with an early exit as soon as one fools).
+
+Candidates for identical requests are computed once (a batch of class-template captions asks the masked
+LM once per unique text), and the objectives encode each unique string once per call; scores stay per
+sample (``owners``), so samples that share a text but not an objective state are attacked separately.
+
+Words are whitespace-separated tokens; leading and trailing punctuation stay attached and untouched
+("a photo of a t-shirt." -> the word "t-shirt", the suffix "."), and whitespace is preserved.
+Stop words (a fixed English list in ``candidates.py``) are matched case-insensitively: they are never
+edited and never offered as substitutes.
+
+PROTECTION RULE (class names are the label). ``perturb(texts, objective, protected=...)`` takes the
+words of the label set (evaluation passes the dataset's class-name words; multi-word names and hyphen
+parts are split into words). A substitution that turns a prompt into another class name, or a
+near-synonym of one, changes the label and is not an adversarial example, so:
+
+* "word": protected words are never edited; no protected word, none of its plural/singular forms, and
+  no word whose GloVe cosine to any protected word is >= ``protect_cos`` (default 0.65) is ever offered
+  as a candidate. ``protect_cos`` is separate from ``cos_threshold`` on purpose: in 50-d GloVe a
+  cosine of 0.5 is topical relatedness, not synonymy -- at 0.5 the Fashion-MNIST class names would ban
+  2458 words including "photo" itself (0.53 to the class set) and "picture"; at 0.65 they still ban
+  the plurals and near-synonyms ("shirts", "t-shirts", "trousers", "pants", "sweater", "shoe",
+  "sneakers", "boots", "jacket").
+* "char": class-name words may receive typos (a human still reads the label), but an edit whose result
+  is exactly a protected word is rejected.
+
+With ``protected=None`` (MMCoA's training path, as in the authors' code) nothing is protected beyond
+stop words.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from mmcoa.attacks.base import Attack, AttackParams, TextObjective, register_attack
+from mmcoa.attacks.candidates import (
+    STOP_WORDS,
+    CandidateSource,
+    CharEdits,
+    GloveNeighbours,
+    MaskedLMCandidates,
+    WordVectors,
+    levenshtein,
+    load_word_vectors,
+    match_case,
+    split_token,
+    word_variants,
+)
+
+MASK = "[UNK]"
+
+
+class TextAttack(Attack):
+    kind = "text"
+
+    def perturb(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+        raise NotImplementedError
+
+
+# --- texts as words --------------------------------------------------------------------------
+
+
+class Words:
+    """A text split on whitespace into words, each with its punctuation kept aside.
+
+    ``cores`` are the editable words; ``render(cores)`` rebuilds the text with the original
+    whitespace and punctuation around the (possibly replaced) words.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        self.parts = re.split(r"(\s+)", text)
+        self.slots: list[tuple[int, str, str]] = []  # (index into parts, prefix, suffix)
+        self.cores: list[str] = []
+        for i in range(0, len(self.parts), 2):
+            prefix, core, suffix = split_token(self.parts[i])
+            if core:
+                self.slots.append((i, prefix, suffix))
+                self.cores.append(core)
+
+    def render(self, cores: list[str]) -> str:
+        parts = list(self.parts)
+        for (i, prefix, suffix), core in zip(self.slots, cores):
+            parts[i] = prefix + core + suffix
+        return "".join(parts)
+
+    def replaced(self, j: int, word: str) -> str:
+        cores = list(self.cores)
+        cores[j] = word
+        return self.render(cores)
+
+
+def protected_words(protected: Iterable[str] | None) -> frozenset[str]:
+    """Class names -> lowercase words: "ankle boot" -> {ankle, boot}; "t-shirt" -> {t-shirt, shirt}."""
+    out: set[str] = set()
+    for name in protected or ():
+        for token in str(name).lower().split():
+            core = split_token(token)[1]
+            if core:
+                out.add(core)
+                out.update(p for p in re.split(r"[-']", core) if len(p) >= 3)
+    return frozenset(out)
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    cores: list[str]
+    loss: float
+    queue: list[int]
+    order: list[int]
+    cost: int = 0
+    passes_done: int = 0
+    changed_in_pass: bool = False
+    look: list[str] | None = None
+    look_loss: float = float("-inf")
+    done: bool = False
+
+
+@dataclass
+class EngineStats:
+    """How the last run went: objective calls and texts scored (for tests and benchmarks)."""
+
+    calls: int = 0
+    texts: int = 0
+    rounds: int = 0
+    per_round: list[int] = field(default_factory=list)
+
+
+def _score(objective: TextObjective, texts: list[str], owners: list[int], stats: EngineStats):
+    out = objective(texts, torch.tensor(owners, dtype=torch.long))
+    stats.calls += 1
+    stats.texts += len(texts)
+    loss = out.loss.detach().float().cpu().tolist()
+    fooled = [False] * len(texts) if out.fooled is None else out.fooled.detach().cpu().bool().tolist()
+    return loss, fooled
+
+
+def greedy_substitute(
+    texts: list[str],
+    objective: TextObjective,
+    *,
+    source: CandidateSource,
+    k: int,
+    budget: int,
+    cost: Callable[[str, str], int],
+    editable: Callable[[str], bool],
+    accept: Callable[[str, str], bool],
+    max_positions: int | None = None,
+    passes: int = 1,
+    original_context: bool = True,
+    restore_case: bool = True,
+    stats: EngineStats | None = None,
+) -> list[str]:
+    """The greedy engine shared by every text attack (see the module docstring).
+
+    Args:
+        source: proposes candidates for (words, position) requests, batched.
+        k: candidates per position.
+        budget: the largest total ``cost`` allowed; ``cost(original word, new word)`` per word
+            (1 for any change in word attacks, the edit distance in character attacks).
+        editable: which original words may be edited.
+        accept: the candidate filter handed to the source.
+        passes: how many times a sample may walk its positions (character attacks edit a word again).
+        original_context: candidates are computed from the original text (BERT-Attack) rather than
+            from the current one.
+        restore_case: give candidates the capitalisation of the word they replace.
+    Returns the adversarial texts, in order.
+    """
+    stats = stats if stats is not None else EngineStats()
+    n = len(texts)
+    if n == 0 or budget <= 0:
+        return list(texts)
+    docs = [Words(t) for t in texts]
+    positions = [[j for j, w in enumerate(d.cores) if editable(w)] for d in docs]
+
+    # Round 0: clean texts and every single-word [UNK] mask, one call.
+    call, owners = list(texts), list(range(n))
+    for i, d in enumerate(docs):
+        for j in positions[i]:
+            call.append(d.replaced(j, MASK))
+            owners.append(i)
+    loss, fooled = _score(objective, call, owners, stats)
+    states: list[_State] = []
+    at = n
+    for i, d in enumerate(docs):
+        imp = loss[at : at + len(positions[i])]
+        at += len(positions[i])
+        order = [j for _, _, j in sorted(zip((-v for v in imp), range(len(imp)), positions[i]))]
+        order = order[:max_positions] if max_positions else order
+        st = _State(list(d.cores), loss[i], list(order), order)
+        st.done = fooled[i] or not order
+        states.append(st)
+
+    while True:
+        active = [i for i in range(n) if not states[i].done]
+        if not active:
+            break
+        stats.rounds += 1
+        requests, where = [], []
+        for i in active:
+            st = states[i]
+            j = st.queue.pop(0)
+            words = docs[i].cores if original_context else st.cores
+            requests.append((tuple(words), j))
+            where.append((i, j))
+        unique = list(dict.fromkeys(requests))
+        proposed = dict(zip(unique, source.propose(unique, k, accept)))
+
+        call, owners, meta = [], [], []  # meta: (sample, position, new word, new cost)
+        for (i, j), req in zip(where, requests):
+            st, orig = states[i], docs[i].cores[j]
+            base = st.cost - cost(orig, st.cores[j])
+            seen = set()
+            for cand in proposed[req]:
+                new = match_case(st.cores[j], cand) if restore_case else cand
+                if new == st.cores[j] or new in seen:
+                    continue
+                new_cost = base + cost(orig, new)
+                if new_cost > budget:
+                    continue
+                seen.add(new)
+                cores = list(st.cores)
+                cores[j] = new
+                call.append(docs[i].render(cores))
+                owners.append(i)
+                meta.append((i, j, new, new_cost))
+        stats.per_round.append(len(call))
+        loss, fooled = _score(objective, call, owners, stats) if call else ([], [])
+
+        best: dict[int, tuple[float, bool, int]] = {}  # sample -> (loss, fooled, index into meta)
+        for r, (i, _, _, _) in enumerate(meta):
+            key = (fooled[r], loss[r])
+            if i not in best or key > (best[i][1], best[i][0]):
+                best[i] = (loss[r], fooled[r], r)
+
+        for i, j in where:
+            st = states[i]
+            if i in best:
+                value, is_fooled, r = best[i]
+                _, _, new, new_cost = meta[r]
+                if is_fooled:
+                    st.cores[j], st.cost, st.loss, st.done = new, new_cost, value, True
+                    continue
+                if value > st.loss and value > st.look_loss:
+                    if new_cost >= budget:  # the last unit: keep aside, decide at the end
+                        st.look = list(st.cores)
+                        st.look[j] = new
+                        st.look_loss = value
+                    else:
+                        st.cores[j], st.cost, st.loss = new, new_cost, value
+                        st.look, st.look_loss, st.changed_in_pass = None, float("-inf"), True
+            if not st.queue:
+                st.passes_done += 1
+                if st.passes_done < passes and st.changed_in_pass and st.cost < budget:
+                    st.queue, st.changed_in_pass = list(st.order), False
+                else:
+                    if st.look is not None:
+                        st.cores = st.look
+                    st.done = True
+
+    return [d.render(st.cores) for d, st in zip(docs, states)]
+
+
+# --- word substitution -----------------------------------------------------------------------
+
+
+class WordParams(AttackParams):
+    word_budget: int = Field(1, ge=0, description="Most words changed per text")
+    candidates: Literal["glove", "mlm"] = "glove"
+    k: int = Field(10, ge=1, description="Candidates per position")
+    cos_threshold: float = Field(0.5, ge=-1, le=1, description="GloVe: least cosine of a neighbour")
+    mlm_name: str = Field("bert-base-uncased", description="Masked LM (hub name or local dir) for mlm")
+    max_positions: int | None = Field(None, ge=1, description="Most positions tried, by importance; None: all")
+    min_word_cos: float | None = Field(None, ge=-1, le=1, description="Least GloVe cosine original/substitute")
+    protect_cos: float | None = Field(0.65, ge=-1, le=1, description="Ban words this close to a protected word")
+
+
+@register_attack("word")
+class WordSubstitution(TextAttack):
+    """Greedy word substitution: BERT-Attack (Li et al., EMNLP 2020) with ``candidates="mlm"``, or
+    TextFooler-style GloVe neighbours (Jin et al., AAAI 2020) with ``candidates="glove"``.
+
+    Threat model: at most ``word_budget`` words of each text replaced, each by one of ``k``
+    candidates (masked-LM predictions at the word's sub-word positions, or GloVe 6B-50d neighbours
+    with cosine >= ``cos_threshold``); stop words and protected words are never edited, and protected
+    words, their inflections and their GloVe neighbours (cosine >= ``protect_cos``) are never
+    substitutes (module docstring). ``min_word_cos`` optionally requires a GloVe cosine between the
+    original and the substitute (the similarity constraint, at word level: no sentence encoder is
+    available offline). Importance: replacing a word by [UNK]. MMCoA's training attack is
+    ``word_budget=1, k=10`` with bert-base-uncased and the embedding-KL objective.
+
+    ``perturb(texts [N], objective, protected=None) -> texts [N]``.
+    """
+
+    Params = WordParams
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self._source: CandidateSource | None = None
+        self.stats = EngineStats()
+
+    @property
+    def source(self) -> CandidateSource:
+        if self._source is None:
+            p = self.params
+            self._source = GloveNeighbours(p.cos_threshold) if p.candidates == "glove" else MaskedLMCandidates(p.mlm_name)
+        return self._source
+
+    @source.setter
+    def source(self, value: CandidateSource) -> None:
+        self._source = value
+
+    def _vectors(self) -> WordVectors:
+        src = self._source
+        if isinstance(src, GloveNeighbours):
+            return src.vectors
+        return load_word_vectors()
+
+    def _filters(self, protected: Iterable[str] | None):
+        p = self.params
+        prot = protected_words(protected)
+        banned = set().union(*(word_variants(w) for w in prot)) if prot else set()
+        vectors = self._vectors() if (p.min_word_cos is not None or (prot and p.protect_cos is not None)) else None
+        prot_mat = None
+        if vectors is not None and prot and p.protect_cos is not None:
+            vecs = [vectors.vector(w) for w in prot]
+            vecs = [v for v in vecs if v is not None]
+            prot_mat = np.stack(vecs) if vecs else None
+        near_cache: dict[str, bool] = {}
+
+        def near_protected(word: str) -> bool:
+            if prot_mat is None:
+                return False
+            if word not in near_cache:
+                v = vectors.vector(word)
+                near_cache[word] = v is not None and float((prot_mat @ v).max()) >= p.protect_cos
+            return near_cache[word]
+
+        def editable(word: str) -> bool:
+            w = word.lower()
+            return w not in STOP_WORDS and w not in prot
+
+        def accept(orig: str, cand: str) -> bool:
+            c = cand.lower()
+            if not c or c == orig.lower() or c in STOP_WORDS or c in banned:
+                return False
+            if p.min_word_cos is not None:
+                cos = vectors.cosine(orig, c)
+                if cos is None or cos < p.min_word_cos:
+                    return False
+            return not near_protected(c)
+
+        return editable, accept
+
+    def perturb(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+        p = self.params
+        editable, accept = self._filters(protected)
+        self.stats = EngineStats()
+        return greedy_substitute(
+            list(texts), objective, source=self.source, k=p.k, budget=p.word_budget,
+            cost=lambda a, b: int(a != b), editable=editable, accept=accept,
+            max_positions=p.max_positions, passes=1, original_context=True, restore_case=True, stats=self.stats,
+        )
+
+    def neighbourhood(self, text: str, protected: Iterable[str] | None = None) -> list[str]:
+        """Every text one substitution away (same candidates and filters): for exhaustive search."""
+        editable, accept = self._filters(protected)
+        d = Words(text)
+        requests = [(tuple(d.cores), j) for j, w in enumerate(d.cores) if editable(w)]
+        out = []
+        for (_, j), cands in zip(requests, self.source.propose(requests, self.params.k, accept)):
+            out.extend(d.replaced(j, match_case(d.cores[j], c)) for c in cands)
+        return list(dict.fromkeys(out))
+
+
+# --- character edits -------------------------------------------------------------------------
+
+
+class CharParams(AttackParams):
+    char_budget: int = Field(1, ge=0, description="Most character edits per text (Levenshtein)")
+    max_candidates: int | None = Field(100, ge=1, description="Edits tried per position; None: all")
+    max_positions: int | None = Field(None, ge=1, description="Most words tried, by importance; None: all")
+    seed: int = Field(0, description="Seed of the deterministic candidate sampling")
+
+
+@register_attack("char")
+class CharEdit(TextAttack):
+    """Greedy character edits in the spirit of Charmer (Abad Rocamora et al., ICML 2024), the attack
+    the LEAF robust text encoder trains against.
+
+    Threat model: the total Levenshtein distance between each original word and its edited form,
+    summed over the text, is at most ``char_budget``; an edit inserts, deletes or substitutes one
+    lowercase letter; stop words are not edited; protected (class-name) words may get typos, but an
+    edit that spells a protected word exactly is rejected. Each round offers, per word, up to
+    ``max_candidates`` single edits of its current form (sampled deterministically with ``seed``);
+    a word may be edited again in later passes while budget remains.
+
+    ``perturb(texts [N], objective, protected=None) -> texts [N]``.
+    """
+
+    Params = CharParams
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        self.source = CharEdits(self.params.seed)
+        self.stats = EngineStats()
+
+    def _filters(self, protected: Iterable[str] | None):
+        prot = protected_words(protected)
+
+        def editable(word: str) -> bool:
+            return word.lower() not in STOP_WORDS
+
+        def accept(orig: str, cand: str) -> bool:
+            return bool(cand) and cand.lower() not in prot
+
+        return editable, accept
+
+    @property
+    def _k(self) -> int:
+        return self.params.max_candidates or 10**9
+
+    def perturb(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+        p = self.params
+        editable, accept = self._filters(protected)
+        self.stats = EngineStats()
+        return greedy_substitute(
+            list(texts), objective, source=self.source, k=self._k, budget=p.char_budget,
+            cost=levenshtein, editable=editable, accept=accept, max_positions=p.max_positions,
+            passes=max(1, p.char_budget), original_context=False, restore_case=False, stats=self.stats,
+        )
+
+    def neighbourhood(self, text: str, protected: Iterable[str] | None = None) -> list[str]:
+        """Every text one character edit away (same sampling and filters)."""
+        editable, accept = self._filters(protected)
+        d = Words(text)
+        requests = [(tuple(d.cores), j) for j, w in enumerate(d.cores) if editable(w)]
+        out = []
+        for (_, j), cands in zip(requests, self.source.propose(requests, self._k, accept)):
+            out.extend(d.replaced(j, c) for c in cands)
+        return list(dict.fromkeys(out))
