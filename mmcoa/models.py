@@ -10,7 +10,9 @@ too, and nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -147,7 +149,8 @@ def create_model(arch: str, pretrained: str | None = None, device: str | torch.d
             f"pretrained '{pretrained}' is neither a local file nor a tag of {arch} (tags: {tags or 'none'})"
         )
     try:
-        clip = open_clip.create_model(arch, pretrained=pretrained, device=device)
+        with _quiet_random_init(pretrained is None):
+            clip = open_clip.create_model(arch, pretrained=pretrained, device=device)
     except (RuntimeError, OSError) as err:
         raise ModelLoadError(
             f"could not load {arch} (pretrained={pretrained}): {err}. Pretrained tags and hf-hub "
@@ -155,6 +158,22 @@ def create_model(arch: str, pretrained: str | None = None, device: str | torch.d
         ) from None
     model_cfg = open_clip.get_model_config(arch) if not arch.startswith("hf-hub:") else _hf_model_cfg(arch)
     return _wrap(clip, model_cfg, arch).to(device)
+
+
+@contextmanager
+def _quiet_random_init(active: bool):
+    """Hide open_clip's "initialized randomly" warning when random initialisation is what was asked."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _hf_model_cfg(arch: str) -> dict:

@@ -8,6 +8,15 @@ clamp the logit scale, and checkpoint now and then.
 Determinism: the batch of step s and the RNG used by step s's attacks are both derived from
 (seed, s, rank), so a run killed at any point and resumed from its last checkpoint ends with the
 same weights as a run that never stopped.
+
+Data parallel (torchrun): every rank holds a replica (broadcast from rank 0 at the start), takes
+its slice of the global batch, and gradients are averaged explicitly; contrastive losses gather
+features with autograd (see ``distributed.py`` for why the result equals the single-process
+gradient). With ``accum_steps > 1`` a contrastive loss sees micro-batches, not the global batch.
+
+Precision: fp32 on CPU; on CUDA, bf16 autocast for the encoders (``amp``) with every loss in fp32
+(see ``defenses/base.py``), and optionally ``torch.compile`` of the two towers in place, so
+parameter names, and thus checkpoint keys, do not change.
 """
 
 from __future__ import annotations
@@ -29,10 +38,11 @@ from mmcoa.defenses import Defense
 from mmcoa.models import ClipModel, tower_of
 
 CHECKPOINT_NAME = "last.pt"
+COMPILE_PREFIX = "_orig_mod."
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+    """The loss, a gradient or a weight became NaN or inf; the last good checkpoint is kept."""
 
 
 class CheckpointMismatch(RuntimeError):
@@ -74,6 +84,11 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one rank at one step (attack start noise etc.)."""
+    return seed * 1_000_003 + step * 1_009 + rank
+
+
 def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
     """No weight decay on gains, biases, embeddings of position and the logit scale (as open_clip)."""
     def exclude(n: str, p: torch.nn.Parameter) -> bool:
@@ -85,6 +100,8 @@ def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: flo
 
 
 def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer not in ("adam", "adamw", "sgd"):
+        raise ValueError(f"unknown optimizer '{cfg.optimizer}'; use adam, adamw or sgd")
     groups = _decay_groups(named, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
@@ -94,6 +111,10 @@ def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfi
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to zero at ``steps``."""
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule '{cfg.schedule}'; use constant or cosine")
+
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
@@ -105,10 +126,53 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State-dict keys without torch.compile's ``_orig_mod.`` (wherever a compiled module sat)."""
+    return {k.replace(COMPILE_PREFIX, ""): v for k, v in state.items()}
+
+
+def _plain(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, or the one a ``torch.compile`` wrapper holds."""
+    return getattr(module, "_orig_mod", module)
+
+
+def compile_towers(model: ClipModel) -> None:
+    """``torch.compile`` the image and text towers in place (``Module.compile``): parameter names
+    stay clean, and the encoders the defenses call directly are the ones compiled."""
+    for name in ("visual", "transformer", "text"):
+        tower = getattr(model.clip, name, None)
+        if isinstance(tower, torch.nn.Module):
+            tower.compile()
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True if no element of ``tensors`` is NaN or inf (one host sync, not one per tensor)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _save_atomic(path: Path, state: dict) -> None:
+    """Write to a temporary file, flush it to disk, then rename: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def train(
@@ -123,7 +187,9 @@ def train(
     """Train ``model`` in place with ``defense``'s loss; return one log dict per step.
 
     ``checkpoint_dir``: where ``last.pt`` is written every ``cfg.checkpoint_every`` steps and at the
-    end; if it exists with the same ``run_hash``, training resumes from it.
+    end; if it exists with the same ``run_hash``, training resumes from it (another hash raises
+    :class:`CheckpointMismatch`). A non-finite loss, gradient or weight raises
+    :class:`TrainingDiverged` and leaves the last good checkpoint in place.
     """
     device = model.device
     world, rank = dist.world_size(), dist.rank()
@@ -131,51 +197,69 @@ def train(
         raise ValueError(
             f"batch_size {cfg.batch_size} must divide by world size x accum_steps = {world * cfg.accum_steps}"
         )
+    if len(data) < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(data)} samples)")
 
     # Which towers train is the defense's choice; the rest is frozen (no grads, no optimiser state).
     trainable = []
     for name, p in model.clip.named_parameters():
-        p.requires_grad_(tower_of(name) in defense.trains)
+        p.requires_grad_(tower_of(name.replace(COMPILE_PREFIX, "")) in defense.trains)
         if p.requires_grad:
             trainable.append((name, p))
     params = [p for _, p in trainable]
     optimizer = build_optimizer(trainable, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model.eval()  # CLIP towers have no dropout or batch norm; the attack sees the trained function
+    trains_scale = "scale" in defense.trains
 
     use_amp = cfg.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
-    if cfg.compile and device.type == "cuda":
-        model.clip = torch.compile(model.clip)
 
-    start, history = 0, []
+    # Resume: weights, optimiser, schedule, RNG and history of the last checkpoint of this run.
+    start, history, saved_at = 0, [], None
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        if state["run_hash"] != run_hash:
+        if state.get("run_hash") != run_hash:
             raise CheckpointMismatch(
-                f"{ckpt} was written by a run with other params (hash {state['run_hash']} != {run_hash}); "
+                f"{ckpt} was written by a run with other params (hash {state.get('run_hash')} != {run_hash}); "
                 "delete it to start over, or restore the params it was made with"
             )
-        model.clip.load_state_dict(state["model"])
+        _plain(model.clip).load_state_dict(clean_state_dict(state["model"]))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        start, history = int(state["step"]), json.loads(state["history"])
+        _set_rng_state(state["rng"])
+        start, history, saved_at = int(state["step"]), json.loads(state["history"]), int(state["step"])
+    dist.broadcast_module(model.clip)  # replicas start identical, whatever each rank loaded
+    if cfg.compile and device.type == "cuda":
+        compile_towers(model)
+
+    def diverged(what: str, step: int) -> TrainingDiverged:
+        kept = f"{ckpt} (step {saved_at})" if saved_at is not None else "none (no checkpoint written yet)"
+        return TrainingDiverged(
+            f"{what} at step {step}; stopped. Last good checkpoint kept: {kept}. "
+            "Lower the learning rate, enable grad_clip, or check the data."
+        )
 
     def checkpoint(step: int) -> None:
-        if ckpt is None or not dist.is_main():
+        nonlocal saved_at
+        if ckpt is None:
             return
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        _save_checkpoint(ckpt, {
-            "model": model.clip.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
-            "step": step, "run_hash": run_hash, "history": json.dumps(history),
-        })
+        if not all_finite(params):  # never overwrite a good checkpoint with broken weights
+            raise diverged("a weight is NaN or inf", step)
+        if dist.is_main():
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(ckpt, {
+                "model": clean_state_dict(model.clip.state_dict()), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
+                "run_hash": run_hash, "world_size": world, "history": json.dumps(history),
+            })
+        saved_at = step
 
     micro = cfg.batch_size // (world * cfg.accum_steps)
     for step in range(start, cfg.steps):
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
+        n = step + 1  # steps are counted from 1 in logs, checkpoints and messages
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
         idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
         local = idx[rank * micro * cfg.accum_steps : (rank + 1) * micro * cfg.accum_steps]
         optimizer.zero_grad(set_to_none=True)
@@ -185,29 +269,30 @@ def train(
             images = data.float_images(part).to(device)
             labels = data.labels[part].to(device)
             with autocast():
-                out = defense.loss(model, images, labels)
+                out = defense.loss(model, images, labels)  # attacks inside touch no parameter .grad
             loss = out.loss.float() / cfg.accum_steps
-            if dist.all_reduce_any(not torch.isfinite(loss).item(), device):
-                raise TrainingDiverged(
-                    f"loss is {out.loss.item()} at step {step}; the last good checkpoint"
-                    f" ({ckpt or 'none: checkpoint_dir not set'}) is kept. Lower the learning rate,"
-                    " enable grad_clip, or check the data."
-                )
+            bad = not bool(torch.isfinite(loss))
+            if dist.all_reduce_any(bad, device):
+                raise diverged(f"the loss is {out.loss.item()}" if bad else "the loss is NaN or inf on another rank", n)
             loss.backward()
-            logs = {k2: logs.get(k2, 0.0) + v / cfg.accum_steps for k2, v in out.logs.items()}
+            logs = {key: logs.get(key, 0.0) + v / cfg.accum_steps for key, v in out.logs.items()}
         dist.average_gradients(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not all_finite(grads):  # identical on every rank after averaging
+            raise diverged("a gradient is NaN or inf", n)
         if cfg.grad_clip:
             logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            model.clip.logit_scale.clamp_(max=math.log(cfg.logit_scale_max))
+        if trains_scale:
+            with torch.no_grad():
+                model.clip.logit_scale.clamp_(max=math.log(cfg.logit_scale_max))
         logs["lr"] = scheduler.get_last_lr()[0]
-        history.append({"step": step + 1, **logs})
+        history.append({"step": n, **logs})
         if on_step is not None:
-            on_step(step + 1, logs)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            checkpoint(step + 1)
+            on_step(n, logs)
+        if n % cfg.checkpoint_every == 0 or n == cfg.steps:
+            checkpoint(n)
     return history
 
 

@@ -1,14 +1,19 @@
 """The defense contract and registry, and the CLIP contrastive loss they share.
 
 A defense is a training loss: ``loss(model, images, labels) -> DefenseOutput``. It builds its own
-adversarial examples (on the plain module, gradients with respect to inputs only), and it declares
-which towers train (``trains``) and whether it needs a frozen copy of the original model.
+adversarial examples (on the plain module, gradients with respect to inputs only, so no attack
+gradient ever reaches a parameter's ``.grad``), and it declares which towers train (``trains``) and
+whether it needs a frozen copy of the original model.
+
+Precision: under CUDA bf16 autocast the encoders run in bf16, but every loss (logits, softmax,
+cross-entropy, KL, squared distance) is computed in fp32 outside autocast (:func:`fp32`).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -105,25 +110,56 @@ def defense_class(name: str) -> type[Defense]:
     return _REGISTRY[name]
 
 
+def fp32(t: torch.Tensor):
+    """A context in which autocast is off on ``t``'s device: losses are computed in full precision."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def zero_shot_logits(scale: torch.Tensor, image_feats: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """scale * cos(image, class prompt) in fp32 (features are unit-norm): [B, D] x [C, D] -> [B, C]."""
+    with fp32(image_feats):
+        return scale.float() * image_feats.float() @ class_emb.float().T
+
+
 def clip_loss(
     image_feats: torch.Tensor,
     text_feats: torch.Tensor,
     scale: torch.Tensor,
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE over the global batch (features gathered across ranks).
+    """Symmetric InfoNCE over the global batch (features gathered across ranks), in fp32.
 
-    Targets are the diagonal, as in CLIP and MMCoA; with ``labels``, every same-class pair counts
-    as a positive (rows normalised), which a batch of templated class captions needs when training
-    from scratch.
+    ``image_feats``, ``text_feats``: [B, D] unit-norm features of the local batch; ``scale``: the
+    (clamped) exp(logit_scale). Targets are the diagonal, as in CLIP and MMCoA (a same-class pair
+    in the batch is a negative); with ``labels``, every same-class pair counts as a positive (rows
+    normalised), which a batch of templated class captions needs when training from scratch.
     """
     img = dist.gather_with_grad(image_feats)
     txt = dist.gather_with_grad(text_feats)
-    logits = scale * img @ txt.T
-    if labels is None:
-        target = torch.arange(len(img), device=img.device)
+    with fp32(img):
+        logits = scale.float() * img.float() @ txt.float().T
+        if labels is None:
+            target = torch.arange(len(img), device=img.device)
+        else:
+            y = dist.gather(labels)
+            same = (y.view(-1, 1) == y.view(1, -1)).float()
+            target = same / same.sum(1, keepdim=True)  # symmetric, so it serves both directions
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    y = dist.gather(labels)
-    same = (y.view(-1, 1) == y.view(1, -1)).to(logits.dtype)
-    target = same / same.sum(1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+@contextmanager
+def inputs_only(model: torch.nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients while an attack runs (restored afterwards).
+
+    The attacks already differentiate with respect to their inputs only; this makes it structural
+    (the autograd graph of an attack holds no parameter) and spares the forward passes the buffers
+    that weight gradients would need.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

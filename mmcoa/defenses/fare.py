@@ -1,7 +1,8 @@
 """FARE (Schlarmann et al., ICML 2024): unsupervised robust fine-tuning of the image tower.
 
-loss = ||f(x') - f_orig(x)||^2 with x' maximising the same distance. No labels or text are used,
-so the robust encoder stays a drop-in replacement for the original one.
+loss = ||f(x') - f_orig(x)||^2 (unnormalised embeddings, summed over dimensions, batch mean) with
+x' maximising the same distance. No labels or text are used, so the robust encoder stays a drop-in
+replacement for the original one.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from mmcoa.attacks.objectives import EmbeddingDistanceObjective
-from mmcoa.defenses.base import Defense, DefenseOutput, register_defense
+from mmcoa.defenses.base import Defense, DefenseOutput, fp32, inputs_only, register_defense
 
 
 @register_defense("fare")
@@ -23,7 +24,10 @@ class FARE(Defense):
 
     def loss(self, model, images, labels):
         with torch.no_grad():
-            target = self.ctx.original.encode_image(images, normalize=False)
-        adv = self.pgd.perturb(images, EmbeddingDistanceObjective(model, target))
-        loss = ((model.encode_image(adv, normalize=False) - target) ** 2).sum(-1).mean()
+            target = self.ctx.original.encode_image(images, normalize=False).float()
+        with inputs_only(model):
+            adv = self.pgd.perturb(images, EmbeddingDistanceObjective(model, target))
+        feats = model.encode_image(adv, normalize=False)
+        with fp32(feats):
+            loss = ((feats.float() - target) ** 2).sum(-1).mean()
         return DefenseOutput(loss, {"loss": loss.item()})

@@ -5,18 +5,22 @@ zero-shot cross-entropy over all class prompts of the training set, and t' a wor
 attack on the caption that maximises KL(softmax(g(t)) || softmax(g(t'))).
 
 Deviations from the authors' code, all deliberate (see README): attack gradients never reach the
-weight update; the logit scale is clamped; class-prompt embeddings for the image attack are computed
-once per step without gradients instead of at every PGD step; masked-LM candidates are read at the
-right positions and stop words are filtered case-insensitively (see ``attacks/text.py``).
+weight update (attacks differentiate w.r.t. their inputs only, with parameters not requiring grad);
+the logit scale is clamped; class-prompt embeddings for the image attack are computed once per step
+without gradients instead of at every PGD step (the same values: the weights do not change during
+the attack); masked-LM candidates are read at the right positions and stop words are filtered
+case-insensitively (see ``attacks/text.py``). Each tower then runs once with gradients, on clean
+and adversarial inputs together.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from mmcoa.attacks import create_attack
 from mmcoa.attacks.objectives import EmbeddingKLObjective, ZeroShotImageObjective
-from mmcoa.defenses.base import Defense, DefenseOutput, clip_loss, register_defense
+from mmcoa.defenses.base import Defense, DefenseOutput, clip_loss, inputs_only, register_defense
 from mmcoa.zeroshot import ZeroShotClassifier
 
 
@@ -40,26 +44,34 @@ class MMCoA(Defense):
         super().__init__(model, ctx)
         self.pgd = self.image_attack()
         self.word = text_attack_from(ctx.text_attack) if ctx.text_attack.word_budget > 0 else None
+        self.prompts = [ctx.template.format(c=c) for c in ctx.classnames]
+
+    def attack(self, model, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """(x', t'): both attacks on the current weights, each from the clean inputs."""
+        captions = [self.prompts[i] for i in labels.tolist()]
+        with inputs_only(model):
+            with torch.no_grad():
+                prompt_raw = model.encode_text(model.tokenize(self.prompts), normalize=False)
+            head = ZeroShotClassifier(model, F.normalize(prompt_raw, dim=-1), scale=self.scale(model).item())
+            adv_images = self.pgd.perturb(images, ZeroShotImageObjective(head, labels))
+            if self.word is None:
+                return adv_images, captions
+            # captions[i] is prompts[labels[i]]: their clean embeddings are already computed
+            adv_captions = self.word.perturb(captions, EmbeddingKLObjective(model, prompt_raw[labels]))
+        return adv_images, adv_captions
 
     def loss(self, model, images, labels):
+        adv_images, adv_captions = self.attack(model, images, labels)
+        captions = [self.prompts[i] for i in labels.tolist()]
+        n = len(images)
         scale = self.scale(model)
-        captions = self.ctx.captions(labels)
-        prompts = [self.ctx.template.format(c=c) for c in self.ctx.classnames]
-        with torch.no_grad():
-            class_emb = model.encode_text(model.tokenize(prompts))
-            clean_txt_raw = model.encode_text(model.tokenize(captions), normalize=False)
-        head = ZeroShotClassifier(model, class_emb, scale=float(scale))
-        adv_images = self.pgd.perturb(images, ZeroShotImageObjective(head, labels))
-        if self.word is not None:
-            adv_captions = self.word.perturb(captions, EmbeddingKLObjective(model, clean_txt_raw))
-        else:
-            adv_captions = captions
+        img_adv, img_clean = model.encode_image(torch.cat([adv_images, images])).split(n)
+        txt_clean, txt_adv = self.encode_captions(model, captions + adv_captions).split(n)
         targets = labels if self.ctx.same_class_targets else None
-        txt = self.encode_captions(model, captions)
-        loss_img = clip_loss(model.encode_image(adv_images), txt, scale, targets)
-        loss_txt = clip_loss(model.encode_image(images), self.encode_captions(model, adv_captions), scale, targets)
+        loss_img = clip_loss(img_adv, txt_clean, scale, targets)
+        loss_txt = clip_loss(img_clean, txt_adv, scale, targets)
         loss = 0.5 * loss_img + 0.5 * loss_txt
-        changed = sum(a != c for a, c in zip(adv_captions, captions)) / max(len(captions), 1)
+        changed = sum(a != c for a, c in zip(adv_captions, captions)) / max(n, 1)
         return DefenseOutput(
             loss, {"loss": loss.item(), "loss_adv_image": loss_img.item(), "loss_adv_text": loss_txt.item(),
                    "text_changed": changed, "scale": scale.item()}

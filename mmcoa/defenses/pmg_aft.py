@@ -3,6 +3,7 @@
 loss = CE(p(x'), y) + alpha * KL(p(x') || p_orig(x')) + beta * KL(p(x') || p(x)), where p are the
 zero-shot class distributions of the model being trained, p_orig those of the frozen original, and
 x' TeCoA's PGD. The KL terms keep the robust model close to the original's generalisation.
+``ctx.options``: ``alpha`` and ``beta`` (default 1.0 each).
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmcoa.defenses.base import DefenseOutput, register_defense
+from mmcoa.defenses.base import DefenseOutput, fp32, register_defense, zero_shot_logits
 from mmcoa.defenses.tecoa import TeCoA
-from mmcoa.attacks.objectives import ZeroShotImageObjective
-from mmcoa.zeroshot import ZeroShotClassifier
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """Batch-mean KL(p || q) from logits."""
-    logp, logq = F.log_softmax(p_logits, -1), F.log_softmax(q_logits, -1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    """Batch-mean KL(p || q) from logits, in fp32."""
+    with fp32(p_logits):
+        logp, logq = F.log_softmax(p_logits.float(), -1), F.log_softmax(q_logits.float(), -1)
+        return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
 @register_defense("pmg_aft")
@@ -30,14 +30,11 @@ class PMGAFT(TeCoA):
     def loss(self, model, images, labels):
         alpha = float(self.ctx.options.get("alpha", 1.0))
         beta = float(self.ctx.options.get("beta", 1.0))
-        scale = self.scale(model)
-        head = ZeroShotClassifier(model, self.class_emb, scale=float(scale))
-        adv = self.pgd.perturb(images, ZeroShotImageObjective(head, labels))
-        adv_logits = self.logits(model, adv).float()
-        clean_logits = self.logits(model, images).float()
+        adv = self.adversarial(model, images, labels)
+        adv_logits, clean_logits = self.logits(model, torch.cat([adv, images])).split(len(images))
         with torch.no_grad():
             orig = self.ctx.original
-            orig_logits = (self.scale(orig) * orig.encode_image(adv) @ self.class_emb.T).float()
+            orig_logits = zero_shot_logits(self.scale(orig), orig.encode_image(adv), self.class_emb)
         ce = F.cross_entropy(adv_logits, labels)
         kl_orig, kl_clean = kl(adv_logits, orig_logits), kl(adv_logits, clean_logits)
         loss = ce + alpha * kl_orig + beta * kl_clean

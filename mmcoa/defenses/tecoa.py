@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from mmcoa.attacks.objectives import ZeroShotImageObjective
-from mmcoa.defenses.base import Defense, DefenseOutput, register_defense
+from mmcoa.defenses.base import Defense, DefenseOutput, inputs_only, register_defense, zero_shot_logits
 from mmcoa.zeroshot import ZeroShotClassifier, class_embeddings
 
 
@@ -24,13 +24,18 @@ class TeCoA(Defense):
         self.pgd = self.image_attack()
 
     def logits(self, model, images):
-        return self.scale(model) * model.encode_image(images) @ self.class_emb.T
+        """fp32 zero-shot logits of ``images`` against the frozen class prompts (with gradients)."""
+        return zero_shot_logits(self.scale(model), model.encode_image(images), self.class_emb)
+
+    def adversarial(self, model, images, labels):
+        """x': PGD maximising the zero-shot cross-entropy at the training scale."""
+        head = ZeroShotClassifier(model, self.class_emb, scale=self.scale(model).item())
+        with inputs_only(model):
+            return self.pgd.perturb(images, ZeroShotImageObjective(head, labels))
 
     def loss(self, model, images, labels):
-        scale = self.scale(model)
-        head = ZeroShotClassifier(model, self.class_emb, scale=float(scale))
-        adv = self.pgd.perturb(images, ZeroShotImageObjective(head, labels))
-        logits = self.logits(model, adv).float()
+        adv = self.adversarial(model, images, labels)
+        logits = self.logits(model, adv)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean().item()
         return DefenseOutput(loss, {"loss": loss.item(), "adv_acc": acc})
