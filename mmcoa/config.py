@@ -145,6 +145,7 @@ class EvaluateParams(Strict):
     sweep: AttackSpec | None = Field(None, description="Attack re-run at each eps of sweep_eps_255")
     sweep_eps_255: list[float] = Field(default_factory=list)
     n_examples: int = Field(6, ge=0)
+    linear_probe: bool = Field(True, description="Also report a linear probe on frozen image features")
 
     @model_validator(mode="after")
     def _unique_names(self) -> EvaluateParams:

@@ -33,11 +33,6 @@ class SuiteResult:
     n: int = 0
 
 
-def protected_words(classnames: list[str]) -> set[str]:
-    """Words of the class names: a text attack must not turn a prompt into another label."""
-    return {w.lower() for c in classnames for w in c.replace("_", " ").split()}
-
-
 def _seed_for(seed: int, name: str) -> int:
     return seed * 7919 + zlib.crc32(name.encode())
 
@@ -63,17 +58,19 @@ def evaluate_suite(
     sweep: tuple[str, dict, list[float]] | None = None,
     n_examples: int = 6,
     on_progress: Callable[[str, int, int], None] | None = None,
+    probe_train: PreparedDataset | None = None,
 ) -> SuiteResult:
     """Clean accuracy plus one accuracy per ``(name, attack)`` of ``suite``.
 
     ``sweep``: (attack name, its params, eps list in 1/255) re-run at each eps, recorded as
     ``<dataset>.sweep_eps<eps>.acc`` and checked for the signs of gradient masking.
+    ``probe_train``: when given, also ``<dataset>.linear_probe.acc`` (clean, frozen features).
     """
     device = model.device
     template = template or data.templates[0]
     prompts = build_prompts(data.classnames, template)
     classifier = ZeroShotClassifier(model, class_embeddings(model, data.classnames, [template]))
-    task = ZeroShotTask(classifier, prompts, protected_words(data.classnames))
+    task = ZeroShotTask(classifier, prompts, set(data.classnames))
 
     chosen = sample_indices(len(data), n_samples, data.labels, seed)
     mine = chosen[dist.rank() :: dist.world_size()]
@@ -107,6 +104,9 @@ def evaluate_suite(
     total = len(chosen)
     metrics = {f"{data.name}.{n}.acc": round(float(c) / total, 6) for (n, _), c in zip(runs, counts.tolist())}
     threat = {n: (a.threat_model() if a is not None else {"attack": "none"}) for n, a in runs}
+    if probe_train is not None and dist.is_main():
+        metrics[f"{data.name}.linear_probe.acc"] = round(linear_probe_accuracy(model, probe_train, data, chosen, seed=seed), 6)
+        threat["linear_probe"] = {"attack": "none", "probe": "logistic regression on frozen image features"}
     sweep_rows = []
     if sweep is not None:
         sweep_rows = [{"eps_255": 0.0, "acc": metrics[f"{data.name}.clean.acc"]}] + [
@@ -134,6 +134,29 @@ def _examples(task: ZeroShotTask, images, labels, result, n: int) -> dict:
     if result.images is not images:
         out["images"] = result.images[:n].cpu()
     return out
+
+
+@torch.no_grad()
+def linear_probe_accuracy(
+    model: ClipModel, train: PreparedDataset, test: PreparedDataset, test_idx: torch.Tensor,
+    n_train: int = 2000, seed: int = 0, batch_size: int = 256,
+) -> float:
+    """Accuracy of a logistic-regression probe on frozen image features (a standard CLIP evaluation).
+
+    The probe is fitted on a class-balanced subset of the train split and scored on ``test_idx``,
+    the same samples as the zero-shot columns.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    def feats(data: PreparedDataset, idx: torch.Tensor):
+        out = [model.encode_image(data.float_images(idx[i : i + batch_size]).to(model.device)).cpu()
+               for i in range(0, len(idx), batch_size)]
+        return torch.cat(out).numpy()
+
+    train_idx = sample_indices(len(train), n_train, train.labels, seed)
+    probe = LogisticRegression(max_iter=2000, C=1.0)
+    probe.fit(feats(train, train_idx), train.labels[train_idx].numpy())
+    return float(probe.score(feats(test, test_idx), test.labels[test_idx].numpy()))
 
 
 def gradient_masking_flags(sweep: list[dict], num_classes: int, n: int, slack: float = 0.05) -> list[str]:

@@ -24,6 +24,7 @@ def run_evaluation(name: str, model_dir: Path, data: Path, out: Path, params: Pa
         raise StageError(f"invalid params: evaluate.suite: {err}") from None
     device = setup_runtime(p)
     test_set = load_prepared(data, "test")
+    probe_train = load_prepared(data, "train") if e.linear_probe else None
     model = load_model(model_dir, device)
     template = (p.zeroshot.templates or [None])[0]
     with progress() as bar:
@@ -35,7 +36,7 @@ def run_evaluation(name: str, model_dir: Path, data: Path, out: Path, params: Pa
             bar.update(tasks[attack], completed=done)
 
         result = evaluate_suite(model, test_set, suite, template, e.n_samples, e.batch_size, p.seed, sweep,
-                                e.n_examples, on_progress)
+                                e.n_examples, on_progress, probe_train)
     from mmcoa import distributed as dist
 
     if not dist.is_main():

@@ -37,7 +37,8 @@ class ZeroShotAttackResult:
 
 
 class ZeroShotTask:
-    """A batch of zero-shot classification under attack: classifier, labels, class prompts."""
+    """A batch of zero-shot classification under attack: classifier, class prompts, and the class
+    names a text attack must leave alone (``protected``)."""
 
     def __init__(self, classifier: ZeroShotClassifier, prompts: list[str], protected: set[str] | None = None):
         self.classifier, self.prompts, self.protected = classifier, prompts, protected or set()

@@ -9,7 +9,8 @@ weight update (attacks differentiate w.r.t. their inputs only, with parameters n
 the logit scale is clamped; class-prompt embeddings for the image attack are computed once per step
 without gradients instead of at every PGD step (the same values: the weights do not change during
 the attack); masked-LM candidates are read at the right positions and stop words are filtered
-case-insensitively (see ``attacks/text.py``). Each tower then runs once with gradients, on clean
+case-insensitively (see ``attacks/text.py``); class-name words of the captions are never substituted
+(the authors' attack could swap them, which trains on captions of another class). Each tower then runs once with gradients, on clean
 and adversarial inputs together.
 """
 
@@ -57,7 +58,10 @@ class MMCoA(Defense):
             if self.word is None:
                 return adv_images, captions
             # captions[i] is prompts[labels[i]]: their clean embeddings are already computed
-            adv_captions = self.word.perturb(captions, EmbeddingKLObjective(model, prompt_raw[labels]))
+            # Class-name words stay fixed: a substitution into another class name would be label noise.
+            adv_captions = self.word.perturb(
+                captions, EmbeddingKLObjective(model, prompt_raw[labels]), protected=self.ctx.classnames
+            )
         return adv_images, adv_captions
 
     def loss(self, model, images, labels):
