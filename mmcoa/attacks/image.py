@@ -1,7 +1,14 @@
-"""Image attacks in pixel space: PGD under L-inf and L2.
+"""Image attacks in pixel space: PGD under L-inf and L2, and the helpers APGD shares.
 
 Gradients are taken with ``torch.autograd.grad`` with respect to the input only, so running an
 attack inside a training step never leaves gradients on the model's parameters.
+
+Which point an attack returns, per sample: the first iterate at which the objective reported the
+sample fooled, unless the final iterate fools it too (then the final one). Samples never fooled get
+the final iterate. So ``early_exit=True`` (a fooled sample leaves the batch at once) returns a
+fooling point for exactly the samples the full run would, and robust accuracy does not change.
+Random starts are drawn for the whole batch whatever is still active, so both modes consume the
+random stream identically.
 """
 
 from __future__ import annotations
@@ -9,13 +16,14 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mmcoa.attacks.base import Attack, AttackParams, ImageObjective, register_attack
 
 
 def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
+    """[B, ...] -> [B, 1, ..., 1] L2 norms (clamped away from 0, so dividing by it is safe)."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
 
 
 def project(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -25,41 +33,183 @@ def project(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
     return delta * (eps / _per_sample_norm(delta)).clamp(max=1.0)
 
 
+class Ball:
+    """The feasible set {x : ||x - x_nat|| <= eps, 0 <= x <= 1} of a batch, with in-place steps.
+
+    Per-sample state (the clean images, and the box bounds for L-inf) is indexed with
+    :meth:`select` when samples leave the batch.
+    """
+
+    def __init__(self, x_nat: torch.Tensor, norm: str, eps: float):
+        self.x_nat, self.norm, self.eps = x_nat, norm, eps
+        if norm == "linf":
+            # L-inf ball intersected with the [0, 1] box is a box: two clamps per projection.
+            self.lo = (x_nat - eps).clamp_(min=0.0)
+            self.hi = (x_nat + eps).clamp_(max=1.0)
+
+    def select(self, keep: torch.Tensor) -> Ball:
+        sub = Ball.__new__(Ball)
+        sub.x_nat, sub.norm, sub.eps = self.x_nat[keep], self.norm, self.eps
+        if self.norm == "linf":
+            sub.lo, sub.hi = self.lo[keep], self.hi[keep]
+        return sub
+
+    def project_(self, x: torch.Tensor) -> torch.Tensor:
+        """Project ``x`` in place (L2: onto the ball, then clip to [0, 1], which only shrinks it)."""
+        if self.norm == "linf":
+            return x.clamp_(self.lo, self.hi)
+        x.sub_(self.x_nat)
+        x.mul_((self.eps / _per_sample_norm(x)).clamp_(max=1.0))
+        return x.add_(self.x_nat).clamp_(0.0, 1.0)
+
+    def ascent_(self, x: torch.Tensor, grad: torch.Tensor, step: float | torch.Tensor) -> torch.Tensor:
+        """x += step * direction(grad), in place. ``step`` a float or a [B, 1, ..., 1] tensor."""
+        # Out of place on grad: autograd may hand back a broadcast view that cannot be written.
+        direction = grad.sign() if self.norm == "linf" else grad / _per_sample_norm(grad)
+        if isinstance(step, torch.Tensor):
+            return x.addcmul_(direction, step)
+        return x.add_(direction, alpha=step)
+
+    def random_start(self, generator: torch.Generator | None) -> torch.Tensor:
+        """A random point of the set: uniform in the L-inf box, uniform radius and direction for L2.
+
+        Drawn like torchattacks' PGD (one ``uniform_`` on a tensor shaped like the batch), so with
+        the same seed both start from the same point.
+        """
+        x = self.x_nat
+        if self.norm == "linf":
+            noise = torch.empty_like(x).uniform_(-self.eps, self.eps, generator=generator)
+        else:
+            d = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+            r = torch.rand(x.shape[0], dtype=x.dtype, device=x.device, generator=generator)
+            noise = d.div_(_per_sample_norm(d)).mul_(r.view(-1, *([1] * (x.ndim - 1))) * self.eps)
+        return noise.add_(x).clamp_(0.0, 1.0)
+
+
 class ImageAttack(Attack):
     kind = "image"
 
     def perturb(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator seeded with ``params.seed`` (fresh per call), or None for torch's global RNG."""
+        seed = getattr(self.params, "seed", None)
+        return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
-class PGDParams(AttackParams):
+
+class BudgetParams(AttackParams):
+    """The threat model shared by the image attacks: norm and radius, in pixel space [0, 1]."""
+
     norm: Literal["linf", "l2"] = "linf"
     eps_255: float = Field(1.0, ge=0, le=255, description="L-inf radius in 1/255 units")
-    eps: float | None = Field(None, ge=0, description="L2 radius in pixel units (norm=l2)")
+    eps: float | None = Field(None, ge=0, description="L2 radius in pixel units (norm=l2); default 0.5")
+    seed: int | None = Field(None, description="seed of the random starts; None: torch's global RNG")
+
+    @model_validator(mode="after")
+    def _budget_matches_norm(self):
+        # A radius given in the other norm's units is a typo that would silently attack at the default.
+        if self.norm == "l2" and "eps_255" in self.model_fields_set:
+            raise ValueError("eps_255 is the L-inf radius; give the L2 radius as eps")
+        if self.norm == "linf" and self.eps is not None:
+            raise ValueError("eps is the L2 radius; give the L-inf radius as eps_255")
+        return self
+
+    @property
+    def radius(self) -> float:
+        """eps in pixel units: eps_255 / 255 for L-inf, eps (default 0.5) for L2."""
+        if self.norm == "linf":
+            return self.eps_255 / 255.0
+        return float(self.eps if self.eps is not None else 0.5)
+
+
+class PGDParams(BudgetParams):
     step_255: float | None = Field(None, gt=0, description="L-inf step in 1/255 units; default eps/4")
     step: float | None = Field(None, gt=0, description="L2 step in pixel units; default eps/4")
     steps: int = Field(10, ge=0)
     restarts: int = Field(1, ge=1)
     random_start: bool = True
 
+    @model_validator(mode="after")
+    def _step_matches_norm(self):
+        if self.norm == "l2" and self.step_255 is not None:
+            raise ValueError("step_255 is the L-inf step; give the L2 step as step")
+        if self.norm == "linf" and self.step is not None:
+            raise ValueError("step is the L2 step; give the L-inf step as step_255")
+        return self
+
+
+# Early exit never shrinks a batch below this many samples: CPU matrix kernels round differently on
+# very small batches, and a sample's trajectory must not depend on how many others are still active.
+MIN_BATCH = 16
+
+
+def survivors(live: torch.Tensor) -> torch.Tensor | None:
+    """Which rows stay in the batch once the fooled ones may leave (``live``: not fooled yet).
+
+    None: keep every row. Otherwise a mask holding every live row, topped up with fooled ones
+    ("passengers", whose results are ignored) up to ``MIN_BATCH`` rows. Call only with a live row.
+    """
+    n_live, n = int(live.sum()), len(live)
+    n_keep = max(n_live, min(MIN_BATCH, n))
+    if n_keep == n:
+        return None
+    keep = live.clone()
+    if n_keep > n_live:
+        keep[(~live).nonzero().squeeze(1)[: n_keep - n_live]] = True
+    return keep
+
+
+class FoolTracker:
+    """Per-sample record of the first iterate at which the objective reported a sample fooled."""
+
+    def __init__(self, x_nat: torch.Tensor):
+        self.n = len(x_nat)
+        self.ever = torch.zeros(self.n, dtype=torch.bool, device=x_nat.device)
+        self.x: torch.Tensor | None = None  # allocated on the first success
+        self._like = x_nat
+
+    def record(self, rows: torch.Tensor, fooled: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Store x[j] for fooled samples not fooled before (``rows[j]`` their batch row); returns that mask."""
+        new = fooled & ~self.ever[rows]
+        if new.any():
+            if self.x is None:
+                self.x = torch.empty_like(self._like)
+            picked = rows[new]
+            self.x[picked] = x[new]
+            self.ever[picked] = True
+        return new
+
 
 @register_attack("pgd")
 class PGD(ImageAttack):
-    """Projected gradient descent (Madry et al., ICLR 2018).
+    """Projected gradient descent (Madry et al., "Towards Deep Learning Models Resistant to
+    Adversarial Attacks", ICLR 2018).
 
-    Threat model: ||x' - x|| <= eps under L-inf (``eps_255``/255) or L2 (``eps``), x' in [0, 1].
-    Random start inside the ball, then ``steps`` ascent steps (sign of the gradient for L-inf, the
-    normalised gradient for L2), projected and clipped to [0, 1] after each. With several restarts
-    (or ``early_exit``), the iterate that fools the objective is kept per sample.
-    Shapes: images [B, C, H, W] in [0, 1] -> adversarial images of the same shape.
+    Threat model: ||x' - x|| <= eps under L-inf (``eps_255``/255) or L2 (``eps``), x' in [0, 1],
+    projected in pixel space (before CLIP's normalisation).
+
+    Args:
+        norm: ``linf`` | ``l2``.
+        eps_255 / eps: the radius (L-inf in 1/255 units / L2 in pixels, default 0.5).
+        step_255 / step: the step (default eps/4): sign of the gradient for L-inf, the gradient
+            normalised to unit L2 norm for L2.
+        steps: ascent steps per restart; restarts: runs from fresh random starts, each on the
+            samples no earlier run fooled; random_start: start uniformly inside the ball (else at x).
+        seed: seed of the random starts (None: torch's global RNG).
+
+    ``perturb(images [B, C, H, W] in [0, 1], objective, early_exit=False) -> [B, C, H, W]``.
+    Returned per sample: the final iterate, except where it does not fool the objective but an
+    earlier iterate did (that one is returned). With ``early_exit`` a sample leaves the batch at its
+    first fooling iterate; robust accuracy is the same either way. Cost: ``steps`` forward+backward
+    passes, plus one forward over the samples fooled before the end (none with ``early_exit``).
     """
 
     Params = PGDParams
 
     @property
     def eps(self) -> float:
-        p = self.params
-        return p.eps_255 / 255.0 if p.norm == "linf" else float(p.eps if p.eps is not None else 0.5)
+        return self.params.radius
 
     @property
     def step_size(self) -> float:
@@ -68,59 +218,87 @@ class PGD(ImageAttack):
             return (p.step_255 / 255.0) if p.step_255 is not None else self.eps / 4
         return p.step if p.step is not None else self.eps / 4
 
-    def _random_start(self, x: torch.Tensor) -> torch.Tensor:
-        if self.params.norm == "linf":
-            return torch.empty_like(x).uniform_(-self.eps, self.eps)
-        d = torch.randn_like(x)
-        r = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype)
-        return d / _per_sample_norm(d) * r * self.eps
-
     def perturb(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         p = self.params
-        x0 = images.detach()
-        best = x0.clone()
-        if self.eps == 0 or p.steps == 0 and not p.random_start:
-            return best
-        all_idx = torch.arange(len(x0), device=x0.device)
-        done = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
-        for _ in range(p.restarts):
-            active = all_idx[~done] if (early_exit or p.restarts > 1) else all_idx
-            if len(active) == 0:
-                break
-            x_nat = x0[active]
-            delta = self._random_start(x_nat) if p.random_start else torch.zeros_like(x_nat)
-            x = (x_nat + delta).clamp(0, 1)
+        x_nat = images.detach()
+        if self.eps == 0 or (p.steps == 0 and not p.random_start):
+            return x_nat.clone()
+        gen = self.generator(x_nat.device)
+        n = len(x_nat)
+        all_rows = torch.arange(n, device=x_nat.device)
+        full = Ball(x_nat, p.norm, self.eps)
+        fools = FoolTracker(x_nat)
+        result: torch.Tensor | None = None
+        best_loss: torch.Tensor | None = None  # restarts of objectives without a fooled mask
+        step = self.step_size
+
+        for restart in range(p.restarts):
+            last = restart == p.restarts - 1
+            # Samples fooled by an earlier restart are done; noise is drawn for the whole batch.
+            start = full.random_start(gen) if p.random_start else x_nat.clone()
+            if restart == 0:
+                rows, ball, x = all_rows, full, start
+            else:
+                rows = all_rows[~fools.ever]
+                if len(rows) == 0:
+                    break
+                ball, x = full.select(rows), start[rows]
+            has_mask = True
+
             for _ in range(p.steps):
                 x.requires_grad_(True)
-                out = objective(x, active)
-                grad, = torch.autograd.grad(out.loss.sum(), x)
-                x = x.detach()
-                if out.fooled is not None and (early_exit or p.restarts > 1):
-                    hit = out.fooled
-                    if hit.any():
-                        best[active[hit]] = x[hit]
-                        done[active[hit]] = True
-                        if early_exit:
-                            keep = ~hit
-                            active, x, x_nat, grad = active[keep], x[keep], x_nat[keep], grad[keep]
-                            if len(active) == 0:
+                out = objective(x, rows)
+                (grad,) = torch.autograd.grad(out.loss.sum(), x)
+                with torch.no_grad():
+                    x.requires_grad_(False)
+                    if out.fooled is None:
+                        has_mask = False
+                    else:
+                        new = fools.record(rows, out.fooled, x)
+                        if early_exit and new.any():
+                            live = ~fools.ever[rows]
+                            if not live.any():  # everyone fooled: their iterates are in fools.x
+                                rows, x = rows[:0], x[:0]
                                 break
-                if p.norm == "linf":
-                    x = x + self.step_size * grad.sign()
-                else:
-                    x = x + self.step_size * grad / _per_sample_norm(grad)
-                x = (x_nat + project(x - x_nat, p.norm, self.eps)).clamp(0, 1)
-            if len(active) == 0:
-                continue
+                            keep = survivors(live)
+                            if keep is not None:
+                                rows, ball, x, grad = rows[keep], ball.select(keep), x[keep], grad[keep]
+                    ball.project_(ball.ascent_(x, grad, step))
+            x.requires_grad_(False)
+
             with torch.no_grad():
-                out = objective(x, active)
-            if out.fooled is None:
-                best[active] = x
-                if p.restarts == 1:
-                    break
-                continue
-            # The final iterate is kept where it fools, and for samples no restart has fooled yet.
-            take = out.fooled | ~done[active]
-            best[active[take]] = x[take]
-            done[active[out.fooled]] = True
-        return best
+                if not has_mask:
+                    # No fooled mask (e.g. an embedding distance): one restart returns its final
+                    # iterate; several keep, per sample, the one that reached the higher loss.
+                    if p.restarts == 1:
+                        return x
+                    loss = objective(x, rows).loss.detach()
+                    if result is None:
+                        result, best_loss = x, loss
+                    else:
+                        better = loss > best_loss
+                        result[better] = x[better]
+                        best_loss = torch.maximum(loss, best_loss)
+                    continue
+                if result is None and len(rows) == n:
+                    result = x
+                else:
+                    if result is None:  # samples left early: their fooling iterates are in fools.x
+                        result = fools.x.clone()
+                    result[rows] = x
+                # The final iterate is kept where it fools, the first fooling one where only that
+                # fools. On the last restart only rows fooled earlier need checking (never-fooled
+                # rows get the final iterate whatever it does); before, all, to know who is done.
+                check = fools.ever[rows] if last else torch.ones(len(rows), dtype=torch.bool, device=x.device)
+                if check.any():
+                    padded = survivors(check)  # not a tiny batch either (rows added are ignored)
+                    check = padded if padded is not None else torch.ones_like(check)
+                    checked = rows[check]
+                    fin = objective(x[check], checked).fooled
+                    if fin is None:  # steps=0: the objective was never asked before
+                        continue
+                    stale = checked[fools.ever[checked] & ~fin]
+                    result[stale] = fools.x[stale]
+                    fools.ever[checked[fin]] = True
+        return result
+
