@@ -24,3 +24,4 @@ __all__ = [
     "list_attacks",
     "register_attack",
 ]
+from mmcoa.attacks import multimodal  # noqa: F401, E402  (registers the multimodal attack)

@@ -7,8 +7,8 @@ still classified correctly. Three ways to combine the two sides:
 * ``independent``: both attacks from clean inputs, then combined (the MMCoA authors' evaluation);
 * ``co_attack`` (Zhang et al., ACM MM 2022): text first, then the image attack pushes the image away
   from the *adversarial* text embedding (collaborative);
-* ``joint``: ``rounds`` alternations; each round re-attacks the text against the current image, then
-  continues the image attack against the current text, the image steps split across rounds.
+* ``joint``: ``rounds`` alternations of best responses: the text against the current adversarial
+  image, then the image against the current adversarial text (each from its clean input).
 """
 
 from __future__ import annotations
@@ -61,11 +61,10 @@ class ZeroShotTask:
 
     # one side at a time ------------------------------------------------------------------
 
-    def attack_image(self, attack, images, labels, texts=None, early_exit=True, start=None):
+    def attack_image(self, attack, images, labels, texts=None, early_exit=True):
         true = None if texts is None else self.true_emb(texts)
         objective = ZeroShotImageObjective(self.classifier, labels, true_emb=true)
-        kwargs = {"start": start} if start is not None else {}
-        return attack.perturb(images, objective, early_exit=early_exit, **kwargs)
+        return attack.perturb(images, objective, early_exit=early_exit)
 
     def attack_text(self, attack, images, labels, texts=None):
         texts = texts if texts is not None else self.texts_for(labels)
@@ -106,7 +105,7 @@ class MultimodalParams(AttackParams):
     mode: Literal["independent", "co_attack", "joint"] = "co_attack"
     image: SubAttack = SubAttack(attack="pgd", params={"eps_255": 1, "step_255": 0.25, "steps": 10})
     text: SubAttack = SubAttack(attack="word", params={"word_budget": 1})
-    rounds: int = Field(2, ge=1, description="Alternations for mode=joint")
+    rounds: int = Field(2, ge=1, description="Alternations of text and image attack for mode=joint")
 
 
 @register_attack("multimodal")
@@ -114,8 +113,7 @@ class MultimodalAttack(Attack):
     """Image + text attack on zero-shot classification (see module docstring for the modes).
 
     Args: ``mode``; ``image`` and ``text``: nested attack specs ``{attack: name, params: {...}}``;
-    ``rounds`` for ``joint``. Budgets are those of the nested attacks; ``joint`` splits the image
-    steps across rounds and never exceeds either budget.
+    ``rounds`` for ``joint``. Budgets are those of the nested attacks, never exceeded.
     """
 
     kind = "multimodal"
@@ -146,16 +144,11 @@ class MultimodalAttack(Attack):
         return ZeroShotAttackResult(adv_img, texts, task.logits(adv_img, labels, texts))
 
     def _joint(self, task, images, labels):
-        p, rounds = self.image_attack.params, self.params.rounds
-        steps = getattr(p, "steps", None)
+        # Alternating best responses: each round re-attacks the text (from the clean prompt) against
+        # the current adversarial image, then the image (from the clean image) against the current
+        # adversarial text. Both attacks start from clean inputs, so both budgets hold.
         x, texts = images, None
-        for r in range(rounds):
-            # Re-attack the text from the clean prompt (so its budget holds) against the current image.
+        for _ in range(self.params.rounds):
             texts = task.attack_text(self.text_attack, x, labels)
-            if steps is not None:
-                share = steps // rounds + (1 if r < steps % rounds else 0)
-                attack = self.image_attack.__class__(**{**p.model_dump(), "steps": share, "random_start": r == 0 and getattr(p, "random_start", True)})
-            else:
-                attack = self.image_attack
-            x = task.attack_image(attack, images, labels, texts, start=x if r > 0 else None)
+            x = task.attack_image(self.image_attack, images, labels, texts)
         return x, texts
