@@ -5,6 +5,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export DVC_NO_ANALYTICS := 1
+# Idle OpenMP threads sleep instead of spinning: two torch processes on two cores (DDP tests,
+# parallel helpers) otherwise slow each other down many times over.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: repro test bench setup
 
