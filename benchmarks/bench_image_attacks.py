@@ -105,9 +105,10 @@ def fashion_mnist():
     """Prepared Fashion-MNIST (4000 train / 400 test, as the tests use) in a temporary dir."""
     from mmcoa.data import load_prepared, prepare
 
-    root = Path(tempfile.mkdtemp(prefix="bench-fmnist-"))
-    prepare("fashion_mnist", root / "prepared", n_train=4000, n_test=400, seed=0, root=root / "raw")
-    return load_prepared(root / "prepared", "train"), load_prepared(root / "prepared", "test")
+    with tempfile.TemporaryDirectory(prefix="bench-fmnist-") as tmp:
+        root = Path(tmp)
+        prepare("fashion_mnist", root / "prepared", n_train=4000, n_test=400, seed=0, root=root / "raw")
+        return load_prepared(root / "prepared", "train"), load_prepared(root / "prepared", "test")
 
 
 def trained_micro(train_set, steps: int) -> ClipModel:
@@ -159,7 +160,7 @@ def main() -> None:
         ours, ref, ratio = timed_pair(
             pgd_runner(vit, xv, yv, False, eps_255=4, step_255=1, steps=kv),
             floor(vit, xv, yv, kv),
-            max(3, args.repeats // 2),
+            args.repeats,
         )
         case = f"PGD-{kv} / floor, ViT-B-32 random init, batch {args.vit_batch}, 224px"
         rows.append((case, ours, ref, ratio, "<= 1.10"))

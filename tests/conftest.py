@@ -6,7 +6,10 @@ import copy
 import os
 
 import pytest
-import torch
+
+# Before torch loads OpenMP: idle threads sleep, so subprocess tests (DDP, DVC) do not starve.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
