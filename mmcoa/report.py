@@ -41,8 +41,8 @@ def attack_names(results: list[dict]) -> list[str]:
             if name not in seen:
                 seen.append(name)
     head = [a for a in HEADLINE if a in seen]
-    rest = [a for a in seen if a not in head and not a.startswith("sweep_")]
-    return head + rest
+    rest = sorted(a for a in seen if a not in head and not a.startswith("sweep_") and a != "linear_probe")
+    return head + rest + (["linear_probe"] if "linear_probe" in seen else [])
 
 
 def acc(result: dict, attack: str) -> float | None:
@@ -80,7 +80,10 @@ def budget(threat: dict) -> str:
 
 def save_examples_figure(examples: dict[str, Any], classnames: list[str], path: str | Path, title: str = "") -> None:
     """A grid: one row per attack that perturbs images (clean first), labels and predictions below."""
-    rows = [(name, ex) for name, ex in examples.items() if "images" in ex]
+    # The eps sweep would add a row per eps; its largest eps is enough to show what it does.
+    sweep = [n for n in examples if n.startswith("sweep_")]
+    keep_sweep = sweep[-1:] if sweep else []
+    rows = [(n, ex) for n, ex in examples.items() if "images" in ex and (not n.startswith("sweep_") or n in keep_sweep)]
     if not rows:
         return
     n = max(len(ex["images"]) for _, ex in rows)
@@ -99,7 +102,7 @@ def save_examples_figure(examples: dict[str, Any], classnames: list[str], path: 
             ax.set_title(caption, fontsize=7, color="green" if ok else "red")
         axes[r][0].text(-0.15, 0.5, name, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
     fig.suptitle(f"{title}: predicted class per attack (green = correct, red = wrong, true class in brackets)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
 
@@ -118,6 +121,7 @@ def save_sweep_figure(results: list[dict], path: str | Path) -> None:
     if chance is not None:
         ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
     ax.set_xlabel("L-inf eps (x/255)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Robust accuracy against eps")

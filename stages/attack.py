@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 import yaml
+from rich.console import Console
 from rich.table import Table
 
 from mmcoa.attacks import AttackError, attack_class, create_attack, list_attacks
 from mmcoa.data import load_prepared
 from mmcoa.evaluate import evaluate_suite
 from mmcoa.models import load_model
-from stages.common import PARAMS_OPTION, SET_OPTION, StageError, console, load, progress, setup_runtime, write_json
+from stages.common import PARAMS_OPTION, SET_OPTION, StageError, load, progress, setup_runtime, write_json
 
 
 def _describe(name: str) -> str:
@@ -30,7 +31,7 @@ def list_all() -> None:
         table.add_column(col, overflow="fold")
     for name in list_attacks():
         table.add_row(name, attack_class(name).kind, _describe(name))
-    console.print(table)
+    Console().print(table)
 
 
 def attack(
@@ -38,7 +39,7 @@ def attack(
     arg: list[str] = typer.Option(None, "--arg", "-a", help="Attack parameter: -a eps_255=4 (repeatable; YAML value)."),
     model: Path = typer.Option(None, help="Model folder (open_clip local-dir format)."),
     data: Path = typer.Option(Path("data/prepared"), help="Prepared dataset folder."),
-    n_samples: int = typer.Option(None, help="Test samples [default: evaluate.n_samples]."),
+    n_samples: int = typer.Option(None, help="Test samples (default: evaluate.n_samples)."),
     out: Path = typer.Option(None, help="Write the accuracies and threat model to this JSON file."),
     list_: bool = typer.Option(False, "--list", help="List registered attacks with their parameters and exit."),
     params: Path = PARAMS_OPTION,
@@ -78,7 +79,6 @@ def attack(
     table.add_column("threat model", overflow="fold")
     table.add_row("clean", f"{100 * clean:.2f}%", "-")
     table.add_row(attack_name, f"{100 * robust:.2f}%", repr(atk))
-    console.print(table)
+    Console().print(table)
     if out is not None:
         write_json(out, {"clean_acc": clean, "robust_acc": robust, "n": result.n, "threat_model": atk.threat_model()})
-    typer.echo(f"{robust:.6f}")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from safetensors.torch import save_file
 
 from mmcoa.attacks import AttackError
 from mmcoa.data import load_prepared
 from mmcoa.evaluate import evaluate_suite, gradient_masking_flags, suite_from_specs
 from mmcoa.models import load_model
-from mmcoa.report import save_examples_figure
 from stages.common import PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
 
 
@@ -50,7 +50,9 @@ def run_evaluation(name: str, model_dir: Path, data: Path, out: Path, params: Pa
             "examples": text_examples, "classnames": test_set.classnames,
             "template": template or test_set.templates[0],
         })
-        save_examples_figure(result.examples, test_set.classnames, tmp / "examples.png", title=name)
+        images = {k: v["images"].contiguous() for k, v in result.examples.items() if "images" in v}
+        if images:
+            save_file(images, str(tmp / "examples.safetensors"))
     summary = ", ".join(f"{k.split('.')[-2]} {v:.3f}" for k, v in result.metrics.items() if ".sweep_" not in k)
     log(f"evaluate: {name} on {result.n} samples: {summary}")
     for flag in flags:
@@ -59,9 +61,9 @@ def run_evaluation(name: str, model_dir: Path, data: Path, out: Path, params: Pa
 
 def evaluate(
     name: str = typer.Option(..., help="Model name used in metric keys (e.g. mmcoa)."),
-    model: Path = typer.Option(None, help="Model folder [default: models/NAME]."),
+    model: Path = typer.Option(None, help="Model folder (default: models/NAME)."),
     data: Path = typer.Option(Path("data/prepared"), help="Prepared dataset folder."),
-    out: Path = typer.Option(None, help="Output folder [default: evals/NAME]."),
+    out: Path = typer.Option(None, help="Output folder (default: evals/NAME)."),
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
 ) -> None:

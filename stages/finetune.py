@@ -28,9 +28,9 @@ def finetune(
     method: str = typer.Option(..., help="Defense to train with (see `mmcoa defenses`)."),
     base: Path = typer.Option(Path("models/base"), help="Model to start from (from `mmcoa base`)."),
     data: Path = typer.Option(Path("data/prepared"), help="Prepared dataset folder."),
-    out: Path = typer.Option(None, help="Output model folder [default: models/METHOD]."),
+    out: Path = typer.Option(None, help="Output model folder (default: models/METHOD)."),
     checkpoint_dir: Path = typer.Option(
-        None, help="Where periodic checkpoints go [default: checkpoints/METHOD-HASH]; a rerun resumes from it."
+        None, help="Where periodic checkpoints go (default: checkpoints/METHOD-HASH); a rerun resumes from it."
     ),
     keep_checkpoint: bool = typer.Option(False, help="Keep the checkpoint folder after success."),
     params: Path = PARAMS_OPTION,

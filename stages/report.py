@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import typer
+from safetensors.torch import load_file
 
-from mmcoa.report import flat_metrics, render_markdown, save_accuracy_figure, save_sweep_figure
+from mmcoa.report import flat_metrics, render_markdown, save_accuracy_figure, save_examples_figure, save_sweep_figure
 from stages.common import PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log, write_json
 
 NOTES = [
@@ -21,7 +21,7 @@ NOTES = [
 
 
 def report(
-    folders: list[Path] = typer.Argument(None, help="Evaluation folders [default: EVALS/base and EVALS/METHOD for finetune.methods]."),
+    folders: list[Path] = typer.Argument(None, help="Evaluation folders (default: EVALS/base and EVALS/METHOD for finetune.methods)."),
     evals: Path = typer.Option(Path("evals"), help="Parent folder of the evaluations."),
     out: Path = typer.Option(Path("reports"), help="Folder for report.md, metrics.json, sweep.json and figures."),
     params: Path = PARAMS_OPTION,
@@ -45,8 +45,10 @@ def report(
         save_accuracy_figure([r for _, r in results], tmp / "accuracy.png")
         save_sweep_figure([r for _, r in results], tmp / "sweep.png")
         for folder, r in results:
-            if (folder / "examples.png").is_file():
-                shutil.copyfile(folder / "examples.png", tmp / f"examples_{r['model']}.png")
+            if (folder / "examples.safetensors").is_file():
+                images = load_file(str(folder / "examples.safetensors"))
+                examples = {k: {**v, "images": images[k]} for k, v in r["examples"].items() if k in images}
+                save_examples_figure(examples, r["classnames"], tmp / f"examples_{r['model']}.png", title=r["model"])
                 figures[f"examples:{r['model']}"] = f"figures/examples_{r['model']}.png"
     text = render_markdown([r for _, r in results], figures, NOTES)
     tmp_md = out / ".report.md.tmp"
