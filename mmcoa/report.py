@@ -81,9 +81,13 @@ def budget(threat: dict) -> str:
 def save_examples_figure(examples: dict[str, Any], classnames: list[str], path: str | Path, title: str = "") -> None:
     """A grid: one row per attack that perturbs images (clean first), labels and predictions below."""
     # The eps sweep would add a row per eps; its largest eps is enough to show what it does.
-    sweep = [n for n in examples if n.startswith("sweep_")]
-    keep_sweep = sweep[-1:] if sweep else []
-    rows = [(n, ex) for n, ex in examples.items() if "images" in ex and (not n.startswith("sweep_") or n in keep_sweep)]
+    def eps_of(name: str) -> float:
+        return float(name.removeprefix("sweep_eps").replace("p", "."))
+
+    sweep = sorted((n for n in examples if n.startswith("sweep_")), key=eps_of)
+    order = [a for a in HEADLINE if a in examples]
+    order += sorted(n for n in examples if n not in order and not n.startswith("sweep_")) + sweep[-1:]
+    rows = [(n, examples[n]) for n in order if "images" in examples[n]]
     if not rows:
         return
     n = max(len(ex["images"]) for _, ex in rows)
