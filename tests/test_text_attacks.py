@@ -179,18 +179,18 @@ def test_char_budget_and_protection(zero_shot):
 # --- effect: lowers accuracy, matches exhaustive search --------------------------------------
 
 
-def test_word_attack_lowers_zero_shot_accuracy(zero_shot):
-    """Per-sample threat model, the dataset's own template. With stop words and class names
-    protected, "a photo of a {c}." has ONE editable word ("photo"), so the drop is small: it is the
-    threat model that is narrow, not the search (the exhaustive search over the same candidates finds
-    no more; see the next test). A template with more words drops much further."""
+def test_word_attack_lowers_zero_shot_accuracy(zero_shot, fmnist):
+    """Per-sample threat model, on the dataset's own template (the one the model was trained on:
+    four editable words once stop words and class names are protected), and on a template the
+    model never saw. ("a photo of a {c}." would leave ONE editable word: there the threat model is
+    narrow, not the search; the exhaustive-search test below covers it.)"""
     make, _, classnames = zero_shot
-    objective, texts = make("a photo of a {c}.")
+    objective, texts = make(fmnist[0].templates[0])
     clean = 1 - fooled_rate(objective, texts)
     adv = create_attack("word", word_budget=1, k=10).perturb(texts, objective, protected=classnames)
     robust = 1 - fooled_rate(objective, adv)
     assert clean >= 0.6
-    assert robust <= clean - 0.02, (clean, robust)
+    assert robust <= clean - 0.1, (clean, robust)
 
     objective, texts = make("a blurry photo of the small {c}.")
     clean = 1 - fooled_rate(objective, texts)
