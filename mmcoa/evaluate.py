@@ -18,6 +18,7 @@ from mmcoa import distributed as dist
 from mmcoa.attacks import Attack, create_attack
 from mmcoa.attacks.multimodal import ZeroShotTask, run_zeroshot_attack
 from mmcoa.data import PreparedDataset
+from mmcoa.data.registry import stratified_indices
 from mmcoa.models import ClipModel
 from mmcoa.zeroshot import ZeroShotClassifier, build_prompts, class_embeddings
 
@@ -39,12 +40,7 @@ def _seed_for(seed: int, name: str) -> int:
 
 def sample_indices(n_total: int, n: int, labels: torch.Tensor, seed: int) -> torch.Tensor:
     """A class-balanced, seeded subset of the evaluation split (all of it when n >= its size)."""
-    if n >= n_total:
-        return torch.arange(n_total)
-    from sklearn.model_selection import train_test_split
-
-    idx, _ = train_test_split(range(n_total), train_size=n, stratify=labels.numpy(), random_state=seed)
-    return torch.tensor(sorted(idx))
+    return torch.from_numpy(stratified_indices(labels.numpy(), n, seed))
 
 
 def evaluate_suite(

@@ -26,7 +26,7 @@ import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -294,7 +294,3 @@ def train(
         if n % cfg.checkpoint_every == 0 or n == cfg.steps:
             checkpoint(n)
     return history
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -85,7 +85,7 @@ class PreparedDataset:
         return [t.format(c=c) for c in self.classnames]
 
 
-def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices of a class-balanced subset of size n, the same for the same seed."""
     idx = np.arange(len(labels))
     if n >= len(labels):
@@ -129,7 +129,7 @@ def prepare(
         images, labels, file_names = source.load(root, split, download)
         if not meta["classnames"]:
             meta["classnames"] = list(file_names)
-        keep = torch.from_numpy(_stratified(labels.numpy(), n, seed + salt))
+        keep = torch.from_numpy(stratified_indices(labels.numpy(), n, seed + salt))
         picked = images[keep] if isinstance(images, torch.Tensor) else [images[i] for i in keep.tolist()]
         images, labels = _resize(picked, image_size).contiguous(), labels[keep].contiguous()
         tmp = out_dir / f"{split}.safetensors.tmp"
