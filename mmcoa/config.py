@@ -21,14 +21,26 @@ class Strict(BaseModel):
 
 
 class DataParams(Strict):
-    """Which dataset, and how much of it (stratified subsets drawn from ``seed``)."""
+    """Where datasets come from, the fine-tuning set, and how images reach the model.
+
+    ``dataset`` is the fine-tuning set (a registered name, ``folder:PATH`` or ``csv:PATH``); the sets every
+    model is evaluated on are ``evaluate.datasets``. Subsets are stratified and drawn from ``seed``.
+    """
 
     dataset: str = "fashion_mnist"
     root: str | None = Field(None, description="Raw-data folder; None = the dataset's default location")
     download: bool = Field(False, description="Allow torchvision to download when files are missing")
-    n_train: int = Field(20000, ge=10)
-    n_test: int = Field(1000, ge=10)
-    image_size: int | None = Field(None, ge=8, description="Resize at fetch time; None = native size")
+    n_train: int = Field(20000, ge=10, description="Fine-tuning subset size")
+    resolution: Literal["native", "model"] = Field(
+        "native",
+        description="Where perturbations live: the dataset's native size (upsampled inside the model, the "
+        "authors' protocol for CIFAR) or the model's input size (resize + centre crop first)",
+    )
+    on_corrupt: Literal["skip", "fail"] = Field("skip", description="An unreadable image: skip and count it, or stop")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    cache_max_images: int = Field(
+        50000, ge=0, description="Subsets up to this size are cached decoded by `fetch`; larger ones stream"
+    )
 
 
 class ModelParams(Strict):
@@ -43,8 +55,14 @@ class ModelParams(Strict):
 
 
 class PretrainParams(Strict):
-    """Contrastive pre-training from scratch (the embedded default has no pretrained CLIP)."""
+    """Contrastive pre-training from scratch (the embedded default has no pretrained CLIP).
 
+    ``datasets``: the mixture, each drawn with ``n_per_dataset`` training images (class captions for
+    classification sets, the paired captions for retrieval sets).
+    """
+
+    datasets: list[str] = Field(default_factory=lambda: ["fashion_mnist"], min_length=1)
+    n_per_dataset: int = Field(20000, ge=10)
     steps: int = Field(400, ge=1)
     batch_size: int = Field(256, ge=2)
     lr: float = Field(1e-3, gt=0)
@@ -54,8 +72,10 @@ class PretrainParams(Strict):
 
 
 class BaseParams(Strict):
+    """The base model: loaded as it is, or trained from scratch only when ``pretrain`` is set."""
+
     model: ModelParams = ModelParams()
-    pretrain: PretrainParams = PretrainParams()
+    pretrain: PretrainParams | None = None
     template: str | None = Field(None, description="Caption template for pre-training; None = the dataset's first")
 
 
@@ -129,19 +149,35 @@ class FinetuneParams(Strict):
 
 
 class AttackSpec(Strict):
-    """One entry of an evaluation suite: a metric name, a registered attack and its params."""
+    """One entry of an evaluation suite: a metric name, a registered attack and its params.
+
+    ``family`` groups attacks for the worst case per sample (default: the attack's side: image, text or
+    multimodal). ``worst_only`` entries run in the cascade only (on samples every earlier attack of the
+    family left correct) and count toward the worst case, not as a column of their own.
+    """
 
     name: str = Field(pattern=r"^[a-z0-9_]+$")
     attack: str
     params: dict[str, Any] = Field(default_factory=dict)
+    family: str | None = Field(None, pattern=r"^[a-z0-9_]+$")
+    worst_only: bool = False
 
 
 class EvaluateParams(Strict):
-    """The attack suite run on every model (base and each fine-tuned one)."""
+    """What every model (base, each fine-tuned defense, each of ``models``) is evaluated on, and how.
 
+    ``datasets``: zero-shot classification and retrieval sets; the fine-tuning set among them is
+    reported apart from the held-out ones. ``suite`` attacks classification, ``retrieval_suite``
+    retrieval. ``models``: further models by name (open_clip tag, hf-hub name, file or folder).
+    """
+
+    datasets: list[str] = Field(default_factory=lambda: ["fashion_mnist"], min_length=1)
+    models: dict[str, ModelParams] = Field(default_factory=dict)
     n_samples: int = Field(500, ge=1)
+    n_images: int = Field(1000, ge=2, description="Retrieval gallery size (images, with all their captions)")
     batch_size: int = Field(250, ge=1)
     suite: list[AttackSpec] = Field(default_factory=list)
+    retrieval_suite: list[AttackSpec] = Field(default_factory=list)
     sweep: AttackSpec | None = Field(None, description="Attack re-run at each eps of sweep_eps_255")
     sweep_eps_255: list[float] = Field(default_factory=list)
     n_examples: int = Field(6, ge=0)
@@ -149,12 +185,17 @@ class EvaluateParams(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> EvaluateParams:
-        names = [s.name for s in self.suite]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        for key, suite in (("suite", self.suite), ("retrieval_suite", self.retrieval_suite)):
+            names = [s.name for s in suite]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{key} names must be unique; repeated: {dupes}")
+            reserved = [n for n in names if n == "clean" or n.startswith("worst_")]
+            if reserved:
+                raise ValueError(f"{key}: 'clean' and 'worst_*' are reserved; rename {reserved}")
+        dupes = sorted({d for d in self.datasets if self.datasets.count(d) > 1})
         if dupes:
-            raise ValueError(f"suite names must be unique; repeated: {dupes}")
-        if "clean" in names:
-            raise ValueError("'clean' is reserved for clean accuracy; rename that suite entry")
+            raise ValueError(f"datasets repeated: {dupes}")
         return self
 
 

@@ -1,114 +1,218 @@
-"""Evaluate a CLIP model's zero-shot accuracy, clean and under a suite of attacks.
+"""Evaluate a CLIP model's zero-shot accuracy on one dataset, clean and under a suite of attacks.
 
-Robust accuracy is measured on the same samples as clean accuracy; class-prompt embeddings are
-computed once; every attack is seeded from (seed, attack name), so a rerun reproduces every number
-and the order of the suite does not matter. With torchrun, samples are sharded across ranks and
-the counts summed.
+Robust accuracy is measured on the same samples as clean accuracy, and every outcome is kept per
+sample, so the report can take the worst case per sample over a family of attacks, intervals and
+paired tests without rerunning an attack. Samples stream through a DataLoader batch by batch (no
+split is ever held whole); within a batch every attack runs, each seeded from (seed, attack, batch),
+so a rerun reproduces every number. The worst case of a family is a cascade: attacks marked
+``worst_only`` run only on the samples that every earlier attack of the family left correct
+(AutoAttack's protocol). With torchrun, samples are sharded across ranks and the outcomes gathered.
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from mmcoa import distributed as dist
 from mmcoa.attacks import Attack, create_attack
+from mmcoa.attacks.cascade import run_cascade
 from mmcoa.attacks.multimodal import ZeroShotTask, run_zeroshot_attack
-from mmcoa.data import PreparedDataset
 from mmcoa.data.registry import stratified_indices
 from mmcoa.models import ClipModel
 from mmcoa.zeroshot import ZeroShotClassifier, build_prompts, class_embeddings
 
+FAMILY_OF_SIDE = {"image": "image", "text": "text", "multimodal": "multimodal"}
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One attack of a suite: its metric name, the attack, its family and whether it has a column."""
+
+    name: str
+    attack: Attack
+    family: str
+    worst_only: bool = False
+
+
+def suite_from_specs(specs: list[dict]) -> list[SuiteEntry]:
+    """``[{name, attack, params, family?, worst_only?}]`` -> entries (validated by each attack's Params)."""
+    out = []
+    for s in specs:
+        attack = create_attack(s["attack"], **s.get("params", {}))
+        family = s.get("family") or FAMILY_OF_SIDE.get(attack.kind, attack.kind)
+        out.append(SuiteEntry(s["name"], attack, family, bool(s.get("worst_only", False))))
+    return out
+
+
+def families(suite: list[SuiteEntry]) -> dict[str, list[str]]:
+    """Family -> attack names in suite order (the cascade order)."""
+    out: dict[str, list[str]] = {}
+    for e in suite:
+        out.setdefault(e.family, []).append(e.name)
+    return out
+
 
 @dataclass
-class SuiteResult:
-    """Accuracies keyed ``<dataset>.<attack>.acc``, threat models, an eps sweep and examples."""
+class ClassificationResult:
+    """Accuracies keyed ``<dataset>.<attack>.acc``, per-sample outcomes and what produced them.
+
+    ``outcomes[name]``: bool [n] in the order of ``indices``: True where the sample is still
+    classified correctly (``clean``, every attack with a column, and ``worst_<family>``).
+    """
 
     metrics: dict[str, float]
+    outcomes: dict[str, torch.Tensor]
+    indices: list[int]
     threat_models: dict[str, dict]
+    families: dict[str, list[str]]
     sweep: list[dict] = field(default_factory=list)
     examples: dict[str, Any] = field(default_factory=dict)
-    n: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.indices)
 
 
 def _seed_for(seed: int, name: str) -> int:
     return seed * 7919 + zlib.crc32(name.encode())
 
 
-def sample_indices(n_total: int, n: int, labels: torch.Tensor, seed: int) -> torch.Tensor:
-    """A class-balanced, seeded subset of the evaluation split (all of it when n >= its size)."""
+def sample_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A class-balanced, seeded subset of an evaluation split (all of it when n >= its size)."""
     return torch.from_numpy(stratified_indices(labels.numpy(), n, seed))
 
 
-def evaluate_suite(
+Batches = Callable[[list[list[int]]], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def evaluate_classification(
     model: ClipModel,
-    data: PreparedDataset,
-    suite: list[tuple[str, Attack]],
-    template: str | None = None,
-    n_samples: int = 500,
+    batches: Batches,
+    indices: torch.Tensor,
+    classnames: list[str],
+    templates: list[str],
+    suite: list[SuiteEntry],
+    dataset_name: str,
     batch_size: int = 250,
     seed: int = 0,
     sweep: tuple[str, dict, list[float]] | None = None,
     n_examples: int = 6,
-    on_progress: Callable[[str, int, int], None] | None = None,
-    probe_train: PreparedDataset | None = None,
-) -> SuiteResult:
-    """Clean accuracy plus one accuracy per ``(name, attack)`` of ``suite``.
+    on_progress: Callable[[int, int], None] | None = None,
+) -> ClassificationResult:
+    """Clean accuracy, one accuracy per suite entry with a column, and the worst case per family.
 
-    ``sweep``: (attack name, its params, eps list in 1/255) re-run at each eps, recorded as
-    ``<dataset>.sweep_eps<eps>.acc`` and checked for the signs of gradient masking.
-    ``probe_train``: when given, also ``<dataset>.linear_probe.acc`` (clean, frozen features).
+    ``batches(index_lists)`` yields ``(images in [0, 1], labels, indices)`` for each list (a streaming
+    loader over the dataset). Class prompts are ``templates`` (their mean embedding, computed once);
+    a text attack edits the first template's prompt of the true class, with class names protected.
+    ``sweep``: (attack name, its params, eps list in 1/255) re-run at each eps, as
+    ``sweep_eps<eps>`` entries, for the gradient-masking check.
     """
     device = model.device
-    template = template or data.templates[0]
-    prompts = build_prompts(data.classnames, template)
-    classifier = ZeroShotClassifier(model, class_embeddings(model, data.classnames, [template]))
-    task = ZeroShotTask(classifier, prompts, set(data.classnames))
+    prompts = build_prompts(classnames, templates[0])
+    classifier = ZeroShotClassifier(model, class_embeddings(model, classnames, templates))
+    task = ZeroShotTask(classifier, prompts, set(classnames))
+    runs = _with_sweep(suite, sweep)
 
-    chosen = sample_indices(len(data), n_samples, data.labels, seed)
-    mine = chosen[dist.rank() :: dist.world_size()]
-    runs: list[tuple[str, Attack | None]] = [("clean", None), *suite]
-    if sweep is not None:
-        name, params, eps_list = sweep
-        runs += [(f"sweep_eps{_fmt(e)}", create_attack(name, **{**params, "eps_255": e})) for e in eps_list]
-
-    correct = {name: 0 for name, _ in runs}
+    mine = indices[dist.rank() :: dist.world_size()].tolist()
+    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    parts: list[dict[str, torch.Tensor]] = []
+    order: list[torch.Tensor] = []
     examples: dict[str, Any] = {}
-    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    for name, attack in runs:
-        torch.manual_seed(_seed_for(seed, name))
-        for b, idx in enumerate(batches):
-            images = data.float_images(idx).to(device)
-            labels = data.labels[idx].to(device)
-            if attack is None:
-                with torch.no_grad():
-                    ok = classifier(images).argmax(1) == labels
-                result = None
-            else:
-                result = run_zeroshot_attack(attack, task, images, labels)
-                ok = result.correct(labels)
-            correct[name] += int(ok.sum())
-            if b == 0 and n_examples and dist.is_main():
-                examples[name] = _examples(task, images, labels, result, n_examples)
-            if on_progress is not None:
-                on_progress(name, b + 1, len(batches))
+    for b, (images, labels, idx) in enumerate(batches(chunks)):
+        images, labels = images.to(device), labels.to(device)
+        outcome, results = _evaluate_batch(task, images, labels, runs, seed, b)
+        parts.append(outcome)
+        order.append(idx.cpu())
+        if b == 0 and n_examples and dist.is_main():
+            examples = {name: _examples(task, images, labels, res, n_examples) for name, res in results.items()}
+        if on_progress is not None:
+            on_progress(b + 1, len(chunks))
 
-    counts = dist.all_reduce_sum(torch.tensor([correct[n] for n, _ in runs], dtype=torch.float64, device=device))
-    total = len(chosen)
-    metrics = {f"{data.name}.{n}.acc": round(float(c) / total, 6) for (n, _), c in zip(runs, counts.tolist())}
-    threat = {n: (a.threat_model() if a is not None else {"attack": "none"}) for n, a in runs}
-    if probe_train is not None and dist.is_main():
-        metrics[f"{data.name}.linear_probe.acc"] = round(linear_probe_accuracy(model, probe_train, data, chosen, seed=seed), 6)
-        threat["linear_probe"] = {"attack": "none", "probe": "logistic regression on frozen image features"}
+    names = list(parts[0]) if parts else ["clean"]
+    local = {n: torch.cat([p[n].cpu() for p in parts]) if parts else torch.zeros(0, dtype=torch.bool) for n in names}
+    got_idx, outcomes = _gather_outcomes(torch.cat(order) if order else torch.zeros(0, dtype=torch.long), local, device)
+    metrics = {f"{dataset_name}.{n}.acc": round(float(v.float().mean()), 6) if len(v) else 0.0 for n, v in outcomes.items()}
+    threat = {"clean": {"attack": "none", "side": "none", "family": "clean"}}
+    threat.update({e.name: {**e.attack.threat_model(), "family": e.family, "worst_only": e.worst_only} for e in runs})
     sweep_rows = []
     if sweep is not None:
-        sweep_rows = [{"eps_255": 0.0, "acc": metrics[f"{data.name}.clean.acc"]}] + [
-            {"eps_255": e, "acc": metrics[f"{data.name}.sweep_eps{_fmt(e)}.acc"]} for e in sweep[2]
+        sweep_rows = [{"eps_255": 0.0, "acc": metrics[f"{dataset_name}.clean.acc"]}] + [
+            {"eps_255": e, "acc": metrics[f"{dataset_name}.sweep_eps{_fmt(e)}.acc"]} for e in sweep[2]
         ]
-    return SuiteResult(metrics, threat, sweep_rows, examples, total)
+    fams = families([e for e in suite])
+    return ClassificationResult(metrics, outcomes, got_idx.tolist(), threat, fams, sweep_rows, examples)
+
+
+def _with_sweep(suite: list[SuiteEntry], sweep: tuple[str, dict, list[float]] | None) -> list[SuiteEntry]:
+    if sweep is None:
+        return list(suite)
+    name, params, eps_list = sweep
+    extra = [SuiteEntry(f"sweep_eps{_fmt(e)}", create_attack(name, **{**params, "eps_255": e}), "sweep") for e in eps_list]
+    return [*suite, *extra]
+
+
+def _evaluate_batch(
+    task: ZeroShotTask, images: torch.Tensor, labels: torch.Tensor, runs: list[SuiteEntry], seed: int, batch: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-sample outcomes of one batch: clean, each attack with a column, the worst case per family."""
+    with torch.no_grad():
+        clean_ok = task.classifier(images).argmax(1) == labels
+    outcome: dict[str, torch.Tensor] = {"clean": clean_ok}
+    results: dict[str, Any] = {"clean": None}
+
+    def run_one(entry: SuiteEntry, rows: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(_seed_for(seed, f"{entry.name}/{batch}"))
+        result = run_zeroshot_attack(entry.attack, task, images[rows], labels[rows])
+        if len(rows) == len(images):
+            results[entry.name] = result
+        return result.correct(labels[rows])
+
+    all_rows = torch.arange(len(images), device=images.device)
+    for family, entries in _group(runs).items():
+        columns = [e for e in entries if not e.worst_only]
+        alive = clean_ok.clone()
+        for e in columns:
+            outcome[e.name] = run_one(e, all_rows)
+            alive &= outcome[e.name]
+        if family == "sweep":
+            continue
+        cascade = [e for e in entries if e.worst_only]
+        _, worst = run_cascade(cascade, run_one, alive)
+        outcome[f"worst_{family}"] = worst
+    return outcome, results
+
+
+def _group(runs: list[SuiteEntry]) -> dict[str, list[SuiteEntry]]:
+    out: dict[str, list[SuiteEntry]] = {}
+    for e in runs:
+        out.setdefault(e.family, []).append(e)
+    return out
+
+
+def _gather_outcomes(
+    idx: torch.Tensor, local: dict[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Every rank's (index, outcomes) rows, gathered and sorted by sample index."""
+    names = list(local)
+    table = torch.stack([idx.long()] + [local[n].long() for n in names], dim=1) if len(idx) else torch.zeros(0, len(names) + 1, dtype=torch.long)
+    if dist.is_distributed():
+        table = _gather_rows(table.to(device)).cpu()
+    table = table[table[:, 0].argsort()]
+    return table[:, 0], {n: table[:, i + 1].bool() for i, n in enumerate(names)}
+
+
+def _gather_rows(table: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows (ranks may hold one row more or less than others)."""
+    count = torch.tensor([len(table)], device=table.device)
+    most = int(dist.all_reduce_sum(count.clone()).item())  # an upper bound for padding
+    padded = torch.full((most, table.shape[1]), -1, dtype=table.dtype, device=table.device)
+    padded[: len(table)] = table
+    rows = dist.gather(padded)
+    return rows[rows[:, 0] >= 0]
 
 
 def _fmt(eps: float) -> str:
@@ -133,26 +237,32 @@ def _examples(task: ZeroShotTask, images, labels, result, n: int) -> dict:
 
 
 @torch.no_grad()
-def linear_probe_accuracy(
-    model: ClipModel, train: PreparedDataset, test: PreparedDataset, test_idx: torch.Tensor,
-    n_train: int = 2000, seed: int = 0, batch_size: int = 256,
-) -> float:
-    """Accuracy of a logistic-regression probe on frozen image features (a standard CLIP evaluation).
+def image_features(model: ClipModel, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm image features and labels of every batch of ``(images, labels, indices)``."""
+    xs, ys = [], []
+    for images, labels, _ in batches:
+        xs.append(model.encode_image(images.to(model.device)).cpu())
+        ys.append(labels.cpu())
+    return torch.cat(xs), torch.cat(ys)
 
-    The probe is fitted on a class-balanced subset of the train split and scored on ``test_idx``,
-    the same samples as the zero-shot columns.
+
+def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated accuracy of a logistic-regression probe on frozen image features.
+
+    A standard CLIP evaluation; stratified k-fold on the evaluation subset itself, so no training
+    split has to be read (every sample is scored once, by a probe that never saw it).
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    def feats(data: PreparedDataset, idx: torch.Tensor):
-        out = [model.encode_image(data.float_images(idx[i : i + batch_size]).to(model.device)).cpu()
-               for i in range(0, len(idx), batch_size)]
-        return torch.cat(out).numpy()
-
-    train_idx = sample_indices(len(train), n_train, train.labels, seed)
-    probe = LogisticRegression(max_iter=2000, C=1.0)
-    probe.fit(feats(train, train_idx), train.labels[train_idx].numpy())
-    return float(probe.score(feats(test, test_idx), test.labels[test_idx].numpy()))
+    y = labels.numpy()
+    counts = torch.bincount(labels)
+    k = min(folds, int(counts[counts > 0].min())) if len(labels) else 0
+    if k < 2:
+        return float("nan")
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    scores = cross_val_score(LogisticRegression(max_iter=2000, C=1.0), features.numpy(), y, cv=cv)
+    return float(scores.mean())
 
 
 def gradient_masking_flags(sweep: list[dict], num_classes: int, n: int, slack: float = 0.05) -> list[str]:
@@ -175,8 +285,3 @@ def gradient_masking_flags(sweep: list[dict], num_classes: int, n: int, slack: f
                 f"accuracy {last['acc']:.3f} at eps {last['eps_255']:g}/255 stays above chance {chance:.3f} + {slack:.2f}"
             )
     return flags
-
-
-def suite_from_specs(specs: list[dict]) -> list[tuple[str, Attack]]:
-    """``[{name, attack, params}]`` -> ``[(name, Attack)]`` (validated by each attack's Params)."""
-    return [(s["name"], create_attack(s["attack"], **s.get("params", {}))) for s in specs]

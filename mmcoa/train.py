@@ -28,12 +28,11 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from mmcoa import distributed as dist
-from mmcoa.data import PreparedDataset
 from mmcoa.defenses import Defense
 from mmcoa.models import ClipModel, tower_of
 
@@ -82,6 +81,20 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g)
     return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+Batches = Callable[[Iterable[list[int]]], Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def in_memory_batches(data: Any) -> Batches:
+    """Batches of a decoded dataset (``float_images(idx)`` and ``labels``): no loader needed."""
+
+    def batches(index_lists: Iterable[list[int]]):
+        for idx in index_lists:
+            t = torch.as_tensor(idx, dtype=torch.long)
+            yield data.float_images(t), data.labels[t], t
+
+    return batches
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -178,13 +191,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def train(
     model: ClipModel,
     defense: Defense,
-    data: PreparedDataset,
+    data: Any,
     cfg: TrainConfig,
     checkpoint_dir: str | Path | None = None,
     run_hash: str = "",
     on_step: Callable[[int, dict], None] | None = None,
+    batches: Batches | None = None,
 ) -> list[dict]:
     """Train ``model`` in place with ``defense``'s loss; return one log dict per step.
+
+    ``data``: anything with ``len``; batches are drawn as positions ``0 .. len(data) - 1``.
+    ``batches(position_lists)`` yields ``(images in [0, 1], labels, positions)`` for each list, in
+    order (a streaming DataLoader that may prefetch); by default ``data`` is a decoded dataset
+    (:func:`in_memory_batches`).
 
     ``checkpoint_dir``: where ``last.pt`` is written every ``cfg.checkpoint_every`` steps and at the
     end; if it exists with the same ``run_hash``, training resumes from it (another hash raises
@@ -257,17 +276,21 @@ def train(
         saved_at = step
 
     micro = cfg.batch_size // (world * cfg.accum_steps)
-    for step in range(start, cfg.steps):
+    local_size = micro * cfg.accum_steps
+
+    def local_batch(step: int) -> list[int]:
+        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
+        return idx[rank * local_size : (rank + 1) * local_size].tolist()
+
+    stream = (batches or in_memory_batches(data))(local_batch(s) for s in range(start, cfg.steps))
+    for step, (step_images, step_labels, _) in zip(range(start, cfg.steps), stream):
         n = step + 1  # steps are counted from 1 in logs, checkpoints and messages
         torch.manual_seed(step_seed(cfg.seed, step, rank))
-        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-        local = idx[rank * micro * cfg.accum_steps : (rank + 1) * micro * cfg.accum_steps]
         optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         for k in range(cfg.accum_steps):
-            part = local[k * micro : (k + 1) * micro]
-            images = data.float_images(part).to(device)
-            labels = data.labels[part].to(device)
+            images = step_images[k * micro : (k + 1) * micro].to(device)
+            labels = step_labels[k * micro : (k + 1) * micro].to(device)
             with autocast():
                 out = defense.loss(model, images, labels)  # attacks inside touch no parameter .grad
             loss = out.loss.float() / cfg.accum_steps

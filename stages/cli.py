@@ -18,6 +18,7 @@ from stages.evaluate import baseline, evaluate
 from stages.fetch import fetch
 from stages.finetune import finetune
 from stages.report import report
+from stages.seeds import seeds
 
 app = typer.Typer(
     name="mmcoa",
@@ -28,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for command in (fetch, base, baseline, finetune, evaluate, attack, report):
+for command in (fetch, base, baseline, finetune, evaluate, attack, report, seeds):
     app.command()(command)
 
 

@@ -96,6 +96,17 @@ def setup_runtime(params: Params) -> torch.device:
     return device
 
 
+def loader_options(model, params: Params) -> dict:
+    """How a model's images are loaded: resolution (native, or its input size), interpolation, workers."""
+    pre = getattr(model, "preprocess", {}) or {}
+    return {
+        "size": model.image_size[0] if params.data.resolution == "model" else None,
+        "interpolation": pre.get("interpolation", "bicubic"),
+        "num_workers": params.data.num_workers,
+        "pin_memory": model.device.type == "cuda",
+    }
+
+
 @contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target`` whole, on error it vanishes."""

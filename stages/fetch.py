@@ -1,4 +1,9 @@
-"""`mmcoa fetch`: a seeded, stratified train/test subset of the dataset in params, in the prepared format."""
+"""`mmcoa fetch` / `mmcoa fetch-eval`: record (and, when small, cache) the subsets a run uses.
+
+`fetch` draws the fine-tuning subset of data.dataset's train split; `fetch-eval DATASET` draws the
+evaluation subset of one dataset of evaluate.datasets (its test split, or a retrieval gallery). Each
+writes a manifest (indices and a content hash), so DVC reruns exactly what changed downstream.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,50 @@ from pathlib import Path
 
 import typer
 
-from mmcoa.data import DataError, prepare
+from mmcoa.data import DataError, open_dataset
+from mmcoa.data.subset import task_of, write_retrieval_subset, write_subset
 from stages.common import PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log
+
+EVAL_SALT = 1  # the evaluation draw differs from the training draw of the same seed
 
 
 def fetch(
-    out: Path = typer.Option(Path("data/prepared"), help="Folder for train/test .safetensors and meta.json."),
+    out: Path = typer.Option(Path("data/prepared"), help="Folder for the fine-tuning subset (manifest + cache)."),
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
 ) -> None:
-    """Prepare the dataset named by data.dataset (Fashion-MNIST offline by default)."""
+    """Draw the fine-tuning subset of data.dataset (train split)."""
     p = load(params, set_)
     d = p.data
     try:
+        dataset = open_dataset(d.dataset, "train", root=d.root, download=d.download, on_corrupt=d.on_corrupt)
         with atomic_dir(out) as tmp:
-            meta = prepare(d.dataset, tmp, d.n_train, d.n_test, p.seed, d.root, d.download, d.image_size)
+            meta = write_subset(dataset, d.n_train, p.seed, tmp, d.cache_max_images)
     except DataError as err:
         raise StageError(str(err)) from None
-    sizes = ", ".join(f"{k} {v['n']}" for k, v in meta["splits"].items())
-    log(f"fetch: {d.dataset} ({len(meta['classnames'])} classes; {sizes}) -> {out}")
+    log(f"fetch: {d.dataset} train, {len(meta['indices'])} samples ({'cached' if meta.get('cached') else 'streamed'}) -> {out}")
+
+
+def fetch_eval(
+    dataset: str = typer.Argument(..., help="A dataset of evaluate.datasets."),
+    out: Path = typer.Option(None, help="Output folder (default: data/eval/DATASET)."),
+    params: Path = PARAMS_OPTION,
+    set_: list[str] = SET_OPTION,
+) -> None:
+    """Draw the evaluation subset of DATASET: test samples, or a retrieval gallery with its captions."""
+    p = load(params, set_)
+    d, e = p.data, p.evaluate
+    out = out or Path("data/eval") / dataset
+    try:
+        with atomic_dir(out) as tmp:
+            if task_of(dataset) == "retrieval":
+                from mmcoa.data.retrieval import open_retrieval
+
+                full = open_retrieval(dataset, "test", root=d.root)
+                meta = write_retrieval_subset(full, e.n_images, p.seed + EVAL_SALT, tmp)
+            else:
+                source = open_dataset(dataset, "test", root=d.root, download=d.download, on_corrupt=d.on_corrupt)
+                meta = write_subset(source, e.n_samples, p.seed + EVAL_SALT, tmp, d.cache_max_images)
+    except DataError as err:
+        raise StageError(str(err)) from None
+    log(f"fetch-eval: {dataset}, {len(meta['indices'])} {'images' if meta.get('task') == 'retrieval' else 'samples'} -> {out}")

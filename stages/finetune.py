@@ -9,11 +9,12 @@ from pathlib import Path
 
 import typer
 
-from mmcoa.data import load_prepared
+from mmcoa.data import DataError
+from mmcoa.data.subset import open_subset, subset_batches
 from mmcoa.defenses import DefenseContext, create_defense, defense_class
 from mmcoa.models import load_model, save_model
 from mmcoa.train import CheckpointMismatch, TrainConfig, TrainingDiverged, params_hash, train
-from stages.common import PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
+from stages.common import PARAMS_OPTION, loader_options, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
 
 
 def _file_hash(path: Path) -> str:
@@ -45,7 +46,10 @@ def finetune(
     f = p.finetune.for_method(method)
     device = setup_runtime(p)
     out = out or Path("models") / method
-    train_set = load_prepared(data, "train")
+    try:
+        train_set, indices = open_subset(data, p.data.root, p.data.download, p.data.on_corrupt)
+    except DataError as err:
+        raise StageError(str(err)) from None
     model = load_model(base, device)
     original = None
     if cls.needs_original:
@@ -68,8 +72,9 @@ def finetune(
     try:
         with progress() as bar:
             task = bar.add_task(f"finetune {method}", total=cfg.steps)
-            history = train(model, defense, train_set, cfg, ckpt_dir, run_hash,
-                            on_step=lambda s, logs: bar.update(task, completed=s))
+            history = train(model, defense, indices, cfg, ckpt_dir, run_hash,
+                            on_step=lambda s, logs: bar.update(task, completed=s),
+                            batches=subset_batches(train_set, indices, **loader_options(model, p)))
     except CheckpointMismatch as err:
         raise StageError(str(err)) from None
     except TrainingDiverged as err:
@@ -80,7 +85,8 @@ def finetune(
         with atomic_dir(out) as tmp:
             save_model(model, tmp)
             write_json(tmp / "history.json", [{k: round(v, 6) for k, v in h.items()} for h in history])
-            write_json(tmp / "finetune.json", {"method": method, "trains": list(cls.trains), **f.model_dump(mode="json")})
+            write_json(tmp / "finetune.json", {"method": method, "dataset": p.data.dataset, "trains": list(cls.trains),
+                                               "trained_against": list(cls.trained_against), **f.model_dump(mode="json")})
         if not keep_checkpoint:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         last = history[-1] if history else {}

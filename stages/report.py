@@ -1,59 +1,108 @@
-"""`mmcoa report`: reports/report.md, reports/metrics.json (DVC metrics) and figures from evals/*."""
+"""`mmcoa report`: reports/report.md, summary.md, metrics.json, headline.json, sweep.json and figures
+from every evals/<model>/<dataset>/ folder (result.json, outcomes.json, examples.safetensors)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
 from safetensors.torch import load_file
 
-from mmcoa.report import flat_metrics, render_markdown, save_accuracy_figure, save_examples_figure, save_sweep_figure
-from stages.common import PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log, write_json
+from mmcoa.report import (
+    Collection,
+    ReportError,
+    flat_metrics,
+    headline_metrics,
+    load_evaluation,
+    render_markdown,
+    render_summary,
+    save_accuracy_figure,
+    save_examples_figure,
+    save_overview_figure,
+    save_sweep_figure,
+    sweep_rows,
+)
+from stages.common import StageError, atomic_dir, log, write_json
 
 NOTES = [
     "Robust accuracy is measured on the same samples as clean accuracy; every attack is seeded, so a rerun "
     "reproduces every number.",
+    "Text attacks use the per-sample threat model: the adversary edits the prompt of each sample's true class. "
+    "Class-name words are never substituted by word attacks, nor offered as candidates, so a substitution "
+    "cannot turn a prompt into another label.",
     "Deviations from the MMCoA authors' code: no attack gradients in the weight update, logit scale clamped, "
     "class-prompt embeddings computed once per step for the image attack, masked-LM candidates read at the "
     "right positions, stop words filtered case-insensitively.",
 ]
 
 
-def report(
-    folders: list[Path] = typer.Argument(None, help="Evaluation folders (default: EVALS/base and EVALS/METHOD for finetune.methods)."),
-    evals: Path = typer.Option(Path("evals"), help="Parent folder of the evaluations."),
-    out: Path = typer.Option(Path("reports"), help="Folder for report.md, metrics.json, sweep.json and figures."),
-    params: Path = PARAMS_OPTION,
-    set_: list[str] = SET_OPTION,
-) -> None:
-    """Collect evaluation results into one report with tables, plots and examples."""
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise StageError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); rerun `mmcoa evaluate` for it") from None
+    except OSError as err:
+        raise StageError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def find_folders(evals: Path) -> list[Path]:
+    """Evaluation folders under ``evals``: <model>/<dataset>/ (and one-dataset <model>/ folders)."""
+    if not evals.is_dir():
+        raise StageError(f"{evals}: no such folder; run the evaluation stages first (`dvc repro`)")
+    folders = sorted({p.parent for p in [*evals.glob("*/*/result.json"), *evals.glob("*/result.json")]})
     if not folders:
-        p = load(params, set_)
-        folders = [evals / "base"] + [evals / m for m in p.finetune.methods]
-    results = []
-    for folder in folders:
-        path = folder / "result.json"
-        if not path.is_file():
-            raise StageError(f"{path}: missing; run `mmcoa evaluate` for that model first")
-        results.append((folder, json.loads(path.read_text())))
-    datasets = {r["dataset"] for _, r in results}
-    if len(datasets) != 1:
-        raise StageError(f"results come from different datasets {sorted(datasets)}; report one dataset at a time")
+        raise StageError(f"{evals}: no <model>/<dataset>/result.json found; run the evaluation stages first (`dvc repro`)")
+    return folders
+
+
+def load_folder(folder: Path):
+    path = folder / "result.json"
+    if not path.is_file():
+        raise StageError(f"{path}: missing; run `mmcoa evaluate` for that model and dataset first")
+    outcomes = folder / "outcomes.json"
+    try:
+        return load_evaluation(_read_json(path), _read_json(outcomes) if outcomes.is_file() else None, str(path))
+    except ReportError as err:
+        raise StageError(str(err)) from None
+
+
+def report(
+    folders: list[Path] = typer.Argument(None, help="Evaluation folders (default: every EVALS/<model>/<dataset>/)."),
+    evals: Path = typer.Option(Path("evals"), help="Parent folder of the evaluations."),
+    out: Path = typer.Option(Path("reports"), help="Folder for the report, metrics files and figures."),
+) -> None:
+    """Collect every evaluation into one report: tables with 95% intervals, paired tests, figures."""
+    loaded = [(f, load_folder(f)) for f in (folders or find_folders(evals))]
+    try:
+        col = Collection([e for _, e in loaded])
+    except ReportError as err:
+        raise StageError(str(err)) from None
+    # Everything that can fail on the inputs is computed before the first file is written.
+    metrics, headline, sweeps, summary = flat_metrics(col), headline_metrics(col), sweep_rows(col), render_summary(col)
+    figures = {"overview": "figures/overview.png"}
     with atomic_dir(out / "figures") as tmp:
-        figures = {"accuracy": "figures/accuracy.png", "sweep": "figures/sweep.png"}
-        save_accuracy_figure([r for _, r in results], tmp / "accuracy.png")
-        save_sweep_figure([r for _, r in results], tmp / "sweep.png")
-        for folder, r in results:
-            if (folder / "examples.safetensors").is_file():
+        save_overview_figure(col, tmp / "overview.png")
+        if col.finetune:
+            save_accuracy_figure(col, col.finetune[0], tmp / "accuracy.png")
+            figures["accuracy"] = "figures/accuracy.png"
+        if sweeps:
+            save_sweep_figure(col, tmp / "sweep.png")
+            figures["sweep"] = "figures/sweep.png"
+        for folder, e in loaded:
+            if (folder / "examples.safetensors").is_file() and col.is_finetune(e.dataset):
                 images = load_file(str(folder / "examples.safetensors"))
-                examples = {k: {**v, "images": images[k]} for k, v in r["examples"].items() if k in images}
-                save_examples_figure(examples, r["classnames"], tmp / f"examples_{r['model']}.png", title=r["model"])
-                figures[f"examples:{r['model']}"] = f"figures/examples_{r['model']}.png"
-    text = render_markdown([r for _, r in results], figures, NOTES)
-    tmp_md = out / ".report.md.tmp"
-    tmp_md.write_text(text)
-    tmp_md.replace(out / "report.md")
-    write_json(out / "metrics.json", flat_metrics([r for _, r in results]))
-    write_json(out / "sweep.json", [{"model": r["model"], **row} for _, r in results for row in r.get("sweep", [])])
-    log(f"report: {len(results)} models -> {out / 'report.md'}, {out / 'metrics.json'}")
+                examples = {k: {**v, "images": images[k]} for k, v in e.result.get("examples", {}).items() if k in images}
+                name = f"examples_{e.model}_{e.dataset}.png"
+                if save_examples_figure(examples, e.result.get("classnames", []), tmp / name, title=f"{e.model} on {e.dataset}"):
+                    figures[f"examples:{e.model}"] = f"figures/{name}"
+    for name, text in (("report.md", render_markdown(col, figures, NOTES)), ("summary.md", summary)):
+        tmp_md = out / f".{name}.tmp"
+        tmp_md.write_text(text if text.endswith("\n") else text + "\n")
+        os.replace(tmp_md, out / name)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "headline.json", headline)
+    write_json(out / "sweep.json", sweeps)
+    log(f"report: {len(col.evals)} evaluations of {len(col.models)} models -> {out / 'report.md'}, "
+        f"{out / 'metrics.json'}, {out / 'headline.json'}")

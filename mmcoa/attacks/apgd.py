@@ -246,9 +246,7 @@ class APGDCE(_APGDAttack):
 
     Params = APGDParams
 
-    def perturb(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
-        if self.eps == 0:
-            return images.detach().clone()
+    def forward(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         x_nat, rows, done, result, ball = self._setup(images, objective)
         gen = self.generator(x_nat.device)
         best_loss = torch.full((len(rows),), -float("inf"), device=x_nat.device) if self.params.restarts > 1 else None
@@ -275,13 +273,13 @@ class APGDT(_APGDAttack):
 
     Params = APGDTParams
 
-    def perturb(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
+    def check(self, objective: ImageObjective) -> None:
         self._check_targeted(objective)
         n_classes = getattr(objective, "num_classes", None)
         if n_classes is not None and n_classes < 4:
             raise AttackError(f"attack 'apgd_t': the targeted DLR loss needs >= 4 classes, got {n_classes}")
-        if self.eps == 0:
-            return images.detach().clone()
+
+    def forward(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         x_nat, rows, done, result, ball = self._setup(images, objective)
         gen = self.generator(x_nat.device)
         self._targeted(objective, x_nat, rows, done, result, ball, gen, early_exit, self.params.n_targets)
@@ -307,10 +305,10 @@ class AutoAttackSuite(_APGDAttack):
 
     Params = AutoAttackParams
 
-    def perturb(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
+    def check(self, objective: ImageObjective) -> None:
         self._check_targeted(objective)
-        if self.eps == 0:
-            return images.detach().clone()
+
+    def forward(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         ce = objective.with_loss("ce")
         x_nat, rows, done, result, ball = self._setup(images, ce)
         gen = self.generator(x_nat.device)

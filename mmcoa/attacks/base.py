@@ -69,6 +69,31 @@ class Attack:
             )
             raise AttackError(f"attack '{self.name}': {problems}") from None
 
+    def perturb(self, inputs: Any, objective: Any, **options: Any) -> Any:
+        """Template method: the guards every attack shares, then :meth:`forward`.
+
+        Order: :meth:`check` (may raise :class:`AttackError` whatever the budget), then an empty
+        batch or a budget that admits no change (:meth:`is_identity`) returns the inputs unchanged
+        (:meth:`unchanged`), else ``forward(inputs, objective, **options)``.
+        """
+        self.check(objective)
+        if len(inputs) == 0 or self.is_identity():
+            return self.unchanged(inputs)
+        return self.forward(inputs, objective, **options)
+
+    def forward(self, inputs: Any, objective: Any, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def check(self, objective: Any) -> None:
+        """Raise :class:`AttackError` when ``objective`` cannot serve this attack."""
+
+    def is_identity(self) -> bool:
+        """True when the budget admits no change (a zero radius, a zero word budget, ...)."""
+        return False
+
+    def unchanged(self, inputs: Any) -> Any:
+        return inputs
+
     def threat_model(self) -> dict[str, Any]:
         """A flat description of the budget, recorded beside every metric."""
         return {"attack": self.name, "side": self.kind, **self.params.model_dump()}

@@ -87,10 +87,26 @@ class Ball:
 
 
 class ImageAttack(Attack):
+    """Image attacks: ``perturb(images [B, C, H, W] in [0, 1], objective, early_exit=False)``.
+
+    Subclasses implement ``forward(x_nat, objective, early_exit)`` on detached images; the template
+    method ``perturb`` (``Attack.perturb``) returns a copy of the images for an empty batch or a zero
+    radius without calling it.
+    """
+
     kind = "image"
 
     def perturb(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
+        return super().perturb(images.detach(), objective, early_exit=early_exit)
+
+    def forward(self, x_nat: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         raise NotImplementedError
+
+    def is_identity(self) -> bool:
+        return getattr(self.params, "radius", None) == 0
+
+    def unchanged(self, images: torch.Tensor) -> torch.Tensor:
+        return images.detach().clone()
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """A generator seeded with ``params.seed`` (fresh per call), or None for torch's global RNG."""
@@ -218,87 +234,103 @@ class PGD(ImageAttack):
             return (p.step_255 / 255.0) if p.step_255 is not None else self.eps / 4
         return p.step if p.step is not None else self.eps / 4
 
-    def perturb(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
+    def is_identity(self) -> bool:
         p = self.params
-        x_nat = images.detach()
-        if self.eps == 0 or (p.steps == 0 and not p.random_start):
-            return x_nat.clone()
+        return self.eps == 0 or (p.steps == 0 and not p.random_start)
+
+    def forward(self, x_nat: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
+        """Restarts: each run attacks the samples no earlier run fooled; results merged per sample."""
+        p = self.params
         gen = self.generator(x_nat.device)
-        n = len(x_nat)
-        all_rows = torch.arange(n, device=x_nat.device)
-        full = Ball(x_nat, p.norm, self.eps)
-        fools = FoolTracker(x_nat)
-        result: torch.Tensor | None = None
-        best_loss: torch.Tensor | None = None  # restarts of objectives without a fooled mask
-        step = self.step_size
-
+        ball = Ball(x_nat, p.norm, self.eps)
+        all_rows = torch.arange(len(x_nat), device=x_nat.device)
+        result, fooled, best_loss = x_nat.clone(), None, None
         for restart in range(p.restarts):
+            # Starts are drawn for the whole batch, whoever is left: every mode consumes one stream.
+            start = ball.random_start(gen) if p.random_start else x_nat.clone()
+            rows = all_rows if fooled is None else all_rows[~fooled]
+            if len(rows) == 0:
+                break
+            sub = ball if len(rows) == len(x_nat) else ball.select(rows)
             last = restart == p.restarts - 1
-            # Samples fooled by an earlier restart are done; noise is drawn for the whole batch.
-            start = full.random_start(gen) if p.random_start else x_nat.clone()
-            if restart == 0:
-                rows, ball, x = all_rows, full, start
-            else:
-                rows = all_rows[~fools.ever]
-                if len(rows) == 0:
-                    break
-                ball, x = full.select(rows), start[rows]
-            has_mask = True
-
-            for _ in range(p.steps):
-                x.requires_grad_(True)
-                out = objective(x, rows)
-                (grad,) = torch.autograd.grad(out.loss.sum(), x)
+            adv, run_fooled = self.run(sub, start[rows], rows, objective, early_exit, flag_all=not last)
+            if run_fooled is None:  # no fooled mask: keep, per sample, the restart of higher loss
+                if p.restarts == 1:
+                    return adv
                 with torch.no_grad():
-                    x.requires_grad_(False)
-                    if out.fooled is None:
-                        has_mask = False
-                    else:
-                        new = fools.record(rows, out.fooled, x)
-                        if early_exit and new.any():
-                            live = ~fools.ever[rows]
-                            if not live.any():  # everyone fooled: their iterates are in fools.x
-                                rows, x = rows[:0], x[:0]
-                                break
-                            keep = survivors(live)
-                            if keep is not None:
-                                rows, ball, x, grad = rows[keep], ball.select(keep), x[keep], grad[keep]
-                    ball.project_(ball.ascent_(x, grad, step))
-            x.requires_grad_(False)
-
-            with torch.no_grad():
-                if not has_mask:
-                    # No fooled mask (e.g. an embedding distance): one restart returns its final
-                    # iterate; several keep, per sample, the one that reached the higher loss.
-                    if p.restarts == 1:
-                        return x
-                    loss = objective(x, rows).loss.detach()
-                    if result is None:
-                        result, best_loss = x, loss
-                    else:
-                        better = loss > best_loss
-                        result[better] = x[better]
-                        best_loss = torch.maximum(loss, best_loss)
-                    continue
-                if result is None and len(rows) == n:
-                    result = x
-                else:
-                    if result is None:  # samples left early: their fooling iterates are in fools.x
-                        result = fools.x.clone()
-                    result[rows] = x
-                # The final iterate is kept where it fools, the first fooling one where only that
-                # fools. On the last restart only rows fooled earlier need checking (never-fooled
-                # rows get the final iterate whatever it does); before, all, to know who is done.
-                check = fools.ever[rows] if last else torch.ones(len(rows), dtype=torch.bool, device=x.device)
-                if check.any():
-                    padded = survivors(check)  # not a tiny batch either (rows added are ignored)
-                    check = padded if padded is not None else torch.ones_like(check)
-                    checked = rows[check]
-                    fin = objective(x[check], checked).fooled
-                    if fin is None:  # steps=0: the objective was never asked before
-                        continue
-                    stale = checked[fools.ever[checked] & ~fin]
-                    result[stale] = fools.x[stale]
-                    fools.ever[checked[fin]] = True
+                    loss = objective(adv, rows).loss.detach()
+                better = loss > best_loss if best_loss is not None else torch.ones_like(loss, dtype=torch.bool)
+                result[rows[better]] = adv[better]
+                best_loss = loss if best_loss is None else torch.maximum(loss, best_loss)
+                continue
+            result[rows] = adv
+            if fooled is None:
+                fooled = torch.zeros(len(x_nat), dtype=torch.bool, device=x_nat.device)
+            fooled[rows] = run_fooled
         return result
 
+    def run(
+        self, ball: Ball, x: torch.Tensor, rows: torch.Tensor, objective: ImageObjective, early_exit: bool, flag_all: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One PGD run from the start ``x`` [m, ...] (owned) on the objective's rows ``rows`` [m].
+
+        Returns the point per sample (the final iterate if it fools, else the first fooling iterate,
+        else the final one) and which samples it fools ([m] bool; None when the objective has no
+        fooled mask). ``flag_all=False`` skips checking the final iterate of samples never fooled
+        (their flag then only covers the iterates the gradient steps evaluated).
+        """
+        pos = torch.arange(len(rows), device=x.device)  # active samples' positions in the output
+        fools = FoolTracker(x)
+        has_mask, step = True, self.step_size
+        for _ in range(self.params.steps):
+            x.requires_grad_(True)
+            out = objective(x, rows[pos])
+            (grad,) = torch.autograd.grad(out.loss.sum(), x)
+            x.requires_grad_(False)
+            with torch.no_grad():
+                if out.fooled is None:
+                    has_mask = False
+                elif fools.record(pos, out.fooled, x).any() and early_exit:
+                    keep = leave_fooled(fools, pos)
+                    if keep is not None and not keep.any():  # everyone fooled: iterates in fools.x
+                        pos = pos[:0]
+                        break
+                    if keep is not None:
+                        pos, ball, x, grad = pos[keep], ball.select(keep), x[keep], grad[keep]
+                ball.project_(ball.ascent_(x, grad, step))
+        if not has_mask:
+            return x, None
+        with torch.no_grad():
+            return self._settle(fools, pos, x, rows, objective, flag_all)
+
+    @staticmethod
+    def _settle(fools, pos, x, rows, objective, flag_all):
+        """Per sample: the final iterate where it fools, else the first fooling one (``fools.x``)."""
+        result = fools.x.clone() if fools.x is not None else torch.empty_like(fools._like)
+        if len(pos) == 0:
+            return result, fools.ever
+        result[pos] = x
+        check = torch.ones_like(pos, dtype=torch.bool) if flag_all else fools.ever[pos]
+        if not check.any():
+            return result, fools.ever
+        padded = survivors(check)  # never a tiny batch (the rows added are ignored)
+        check = padded if padded is not None else torch.ones_like(check)
+        checked = pos[check]
+        fin = objective(x[check], rows[checked]).fooled
+        if fin is None:  # steps=0: the objective was never asked before
+            return result, None
+        stale = checked[fools.ever[checked] & ~fin]
+        result[stale] = fools.x[stale]
+        fools.ever[checked[fin]] = True
+        return result, fools.ever
+
+
+def leave_fooled(fools: FoolTracker, pos: torch.Tensor) -> torch.Tensor | None:
+    """Early exit: which active rows stay once the fooled ones leave (see :func:`survivors`).
+
+    None: every row stays; an all-False mask: none is left.
+    """
+    live = ~fools.ever[pos]
+    if not live.any():
+        return torch.zeros_like(live)
+    return survivors(live)

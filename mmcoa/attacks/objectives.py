@@ -105,19 +105,34 @@ class EmbeddingDistanceObjective:
 
 
 class RetrievalImageObjective:
-    """Image -> text retrieval: push each image's true caption down the ranking.
+    """Image -> text retrieval: push each image's own captions down the ranking.
 
-    ``text_emb`` [T, D] are all candidate captions; ``positives`` [B] the caption index of each image.
-    Fooled = the true caption is no longer ranked first.
+    Args:
+        text_emb: [T, D] unit-norm embeddings of every gallery caption (clean, or adversarial for
+            Co-Attack: the image then moves away from the adversarial captions).
+        positives: [B, T] bool, the captions of each image (several per image), or [B] the index of
+            one caption per image.
+        scale: logit scale of the softmax over captions.
+        k: fooled = none of the image's captions is in the top ``k`` (strict ranking: a negative with
+            an equal score ranks above a positive; see ``mmcoa.retrieval.recall_at_k``).
+
+    Loss: -log of the softmax mass on the image's captions (cross-entropy with one caption).
     """
 
-    def __init__(self, model: ClipModel, text_emb: torch.Tensor, positives: torch.Tensor, scale: float = 100.0):
-        self.model, self.text_emb, self.positives, self.scale = model, text_emb.detach(), positives, scale
+    def __init__(self, model: ClipModel, text_emb: torch.Tensor, positives: torch.Tensor, scale: float = 100.0, k: int = 1):
+        self.model, self.text_emb, self.scale, self.k = model, text_emb.detach(), scale, k
+        if positives.dtype != torch.bool:
+            positives = F.one_hot(positives.long(), len(text_emb)).bool()
+        self.positives = positives
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ObjectiveOutput:
         sims = self.scale * self.model.encode_image(images) @ self.text_emb.T
         pos = self.positives[index]
-        return ObjectiveOutput(F.cross_entropy(sims, pos, reduction="none"), (sims.argmax(1) != pos).detach())
+        loss = sims.logsumexp(1) - sims.masked_fill(~pos, float("-inf")).logsumexp(1)
+        with torch.no_grad():
+            best = sims.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)
+            above = ((sims >= best) & ~pos).sum(1)
+        return ObjectiveOutput(loss, above >= self.k)
 
 
 # --- text objectives -------------------------------------------------------------------------
@@ -179,16 +194,25 @@ class EmbeddingKLObjective:
 
 
 class RetrievalTextObjective:
-    """Text -> image retrieval: push each caption's true image down the ranking.
+    """Text -> image retrieval: push each caption's own image down the ranking.
 
-    ``image_feats`` [I, D] all gallery images; ``positives`` [B] the image index of each caption.
+    ``image_feats`` [I, D] unit-norm embeddings of every gallery image (clean, or adversarial);
+    ``positives`` [B] the image index of each caption. Loss: s_k - s_own, where s_k is the ``k``-th
+    highest score among the other images; fooled when it is >= 0 (the own image is out of the top
+    ``k`` under strict ranking: a tie with another image is a miss).
     """
 
-    def __init__(self, model: ClipModel, image_feats: torch.Tensor, positives: torch.Tensor):
-        self.image_feats, self.positives = image_feats.detach(), positives
+    def __init__(self, model: ClipModel, image_feats: torch.Tensor, positives: torch.Tensor, k: int = 1):
+        self.image_feats, self.positives, self.k = image_feats.detach(), positives, k
         self.encode = _TextEncoder(model)
 
     def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
-        sims = self.encode(texts) @ self.image_feats.T
-        m = margin(sims.float(), self.positives[owners])
-        return ObjectiveOutput(m, m > 0)
+        sims = (self.encode(texts) @ self.image_feats.T).float()
+        own_idx = self.positives[owners].view(-1, 1)
+        own = sims.gather(1, own_idx).squeeze(1)
+        k = min(self.k, sims.shape[1] - 1)
+        if k < 1:  # a gallery of one image: nothing to rank above it
+            return ObjectiveOutput(-own, torch.zeros_like(own, dtype=torch.bool))
+        others = sims.scatter(1, own_idx, float("-inf"))
+        m = others.topk(k, dim=1).values[:, -1] - own
+        return ObjectiveOutput(m, m >= 0)

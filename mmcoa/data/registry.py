@@ -1,155 +1,143 @@
-"""Dataset registry and the prepared format (see package docstring)."""
+"""The dataset registry: names -> specs, and the name checks that go with them.
+
+A dataset name is either a registered name (``cifar10``, ``imagenet``, ...) or a scheme with an
+argument (``folder:PATH``, ``csv:PATH``). The registry parses a name once (:func:`parse_dataset_name`)
+and owns every check (:func:`is_dataset`), so a scheme name is valid wherever a dataset name is.
+Registering a name twice is an error, for names and schemes alike.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-from sklearn.model_selection import train_test_split
+from mmcoa.data.base import DataError, ImageDataset
+from mmcoa.data.prepared import PreparedDataset, load_prepared, prepare, stratified_indices  # noqa: F401  (re-exported)
+
+ON_CORRUPT = ("skip", "fail")
 
 
-class DataError(ValueError):
-    """Missing or malformed data; the message says how to get it."""
+def default_root() -> Path:
+    """Where raw datasets live unless a root is given: $MMCOA_DATA, else ~/.cache/mmcoa."""
+    return Path(os.environ.get("MMCOA_DATA", "~/.cache/mmcoa")).expanduser()
 
 
 @dataclass(frozen=True)
-class DatasetSource:
-    """A registered dataset.
+class DatasetSpec:
+    """What the registry knows about a dataset without reading it.
 
-    ``load(root, split, download)`` returns (uint8 images [N, C, H, W], int64 labels [N], class
-    names as the files name them). ``classnames``, when given, override the files' names (cleaner
-    prompt names, e.g. clip-benchmark's).
-    ``templates`` use ``{c}`` for the class name, as clip-benchmark's lists do.
+    ``open(root, split, download)`` returns an :class:`ImageDataset`; ``folder(root)`` is where the
+    files are looked for; ``obtain`` says how to get them; ``num_classes`` is None when only the
+    files know (folders, CSVs).
     """
 
     name: str
-    classnames: tuple[str, ...]
-    templates: tuple[str, ...]
-    load: Callable[[Path, str, bool], tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]]
-    default_root: Path = field(default_factory=lambda: Path(os.environ.get("MMCOA_DATA", "~/.cache/mmcoa")).expanduser())
+    open: Callable[[Path, str, bool], ImageDataset]
+    folder: Callable[[Path], Path]
+    obtain: str
+    num_classes: int | None = None
+    splits: tuple[str, ...] = ("train", "test")
+    downloadable: bool = False
+    classnames: tuple[str, ...] | None = None  # known statically (None: from the files)
+    offline: bool = False  # ships with an installed package: always present
+
+    def present(self, root: Path) -> bool:
+        return self.offline or self.folder(root).exists()
 
 
-_REGISTRY: dict[str, Callable[[], DatasetSource]] = {}
+_REGISTRY: dict[str, Callable[[], DatasetSpec]] = {}
+_SCHEMES: dict[str, Callable[[str], DatasetSpec]] = {}
 
 
 def register_dataset(name: str):
-    """Decorator: register a zero-argument factory returning a :class:`DatasetSource`."""
+    """Decorator: register a zero-argument factory returning a :class:`DatasetSpec` under ``name``."""
 
-    def deco(factory: Callable[[], DatasetSource]):
+    def deco(factory: Callable[[], DatasetSpec]):
+        if name in _REGISTRY:
+            raise ValueError(f"dataset '{name}' is already registered")
         _REGISTRY[name] = factory
         return factory
 
     return deco
 
 
+def register_scheme(scheme: str):
+    """Decorator: register ``scheme:ARG`` names; the factory maps ARG to a :class:`DatasetSpec`."""
+
+    def deco(factory: Callable[[str], DatasetSpec]):
+        if scheme in _SCHEMES:
+            raise ValueError(f"dataset scheme '{scheme}:' is already registered")
+        _SCHEMES[scheme] = factory
+        return factory
+
+    return deco
+
+
 def list_datasets() -> list[str]:
+    """Registered dataset names (schemes such as ``folder:PATH`` are listed by :func:`list_schemes`)."""
     return sorted(_REGISTRY)
 
 
-def create_source(name: str) -> DatasetSource:
-    """A registered source by name; ``folder:PATH`` is an ImageFolder tree (PATH/train, PATH/test)."""
-    if name.startswith("folder:"):
-        from mmcoa.data.sources import image_folder
-
-        return image_folder(name.removeprefix("folder:"))
-    if name not in _REGISTRY:
-        raise DataError(f"unknown dataset '{name}'; registered: {', '.join(list_datasets())}")
-    return _REGISTRY[name]()
+def list_schemes() -> list[str]:
+    return sorted(_SCHEMES)
 
 
-@dataclass
-class PreparedDataset:
-    """One split in memory: uint8 images, labels, class names and templates."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classnames: list[str]
-    templates: list[str]
-    name: str
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def float_images(self, idx: slice | torch.Tensor | None = None) -> torch.Tensor:
-        """Images in [0, 1] (the convention everywhere outside the model)."""
-        x = self.images if idx is None else self.images[idx]
-        return x.float().div_(255.0)
-
-    def prompts(self, template: str | None = None) -> list[str]:
-        t = template or self.templates[0]
-        return [t.format(c=c) for c in self.classnames]
+def parse_dataset_name(name: str) -> tuple[str | None, str]:
+    """(scheme, argument) for ``scheme:ARG`` names, (None, name) for registered names."""
+    scheme, sep, arg = name.partition(":")
+    if sep and scheme in _SCHEMES:
+        return scheme, arg
+    return None, name
 
 
-def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of a class-balanced subset of size n, the same for the same seed."""
-    idx = np.arange(len(labels))
-    if n >= len(labels):
-        return idx
-    chosen, _ = train_test_split(idx, train_size=n, stratify=labels, random_state=seed)
-    return np.sort(chosen)
+def is_dataset(name: str) -> bool:
+    """True for a registered name or a ``scheme:ARG`` name with a registered scheme and a non-empty ARG."""
+    scheme, arg = parse_dataset_name(name)
+    return bool(arg) if scheme else name in _REGISTRY
 
 
-def _resize(images: torch.Tensor | list[torch.Tensor], size: int | None) -> torch.Tensor:
-    """CLIP-style resize: shortest side to ``size``, then a centre crop (uint8 in, uint8 out)."""
-    from torchvision.transforms.functional import center_crop, resize
-
-    if isinstance(images, torch.Tensor) and (size is None or tuple(images.shape[-2:]) == (size, size)):
-        return images
-    if size is None:
-        raise DataError("images differ in size; set data.image_size to resize them")
-    out = [center_crop(resize(img, size, antialias=True), [size, size]) for img in images]
-    return torch.stack(out)
+def unknown_dataset_message(name: str) -> str:
+    schemes = ", ".join(f"{s}:PATH" for s in list_schemes())
+    return f"unknown dataset '{name}'; registered: {', '.join(list_datasets())}; or {schemes}"
 
 
-def prepare(
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec of a dataset name; :class:`DataError` listing the valid names otherwise."""
+    if not is_dataset(name):
+        raise DataError(unknown_dataset_message(name))
+    scheme, arg = parse_dataset_name(name)
+    return _SCHEMES[scheme](arg) if scheme else _REGISTRY[name]()
+
+
+def open_dataset(
     name: str,
-    out_dir: str | Path,
-    n_train: int,
-    n_test: int,
-    seed: int,
+    split: str,
     root: str | Path | None = None,
     download: bool = False,
-    image_size: int | None = None,
-) -> dict:
-    """Write ``train``/``test`` subsets of a registered dataset into ``out_dir``; return meta."""
-    from safetensors.torch import save_file
+    on_corrupt: str = "skip",
+) -> ImageDataset:
+    """One split of a dataset as a streaming :class:`ImageDataset` (images decoded on access).
 
-    source = create_source(name)
-    root = Path(root).expanduser() if root else source.default_root
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"dataset": name, "classnames": list(source.classnames), "templates": list(source.templates), "splits": {}}
-    staged = []
-    for split, n, salt in (("train", n_train, 0), ("test", n_test, 1)):
-        images, labels, file_names = source.load(root, split, download)
-        if not meta["classnames"]:
-            meta["classnames"] = list(file_names)
-        keep = torch.from_numpy(stratified_indices(labels.numpy(), n, seed + salt))
-        picked = images[keep] if isinstance(images, torch.Tensor) else [images[i] for i in keep.tolist()]
-        images, labels = _resize(picked, image_size).contiguous(), labels[keep].contiguous()
-        tmp = out_dir / f"{split}.safetensors.tmp"
-        save_file({"images": images, "labels": labels.to(torch.int64)}, str(tmp))
-        staged.append((tmp, out_dir / f"{split}.safetensors"))
-        meta["splits"][split] = {"n": len(labels), "shape": list(images.shape[1:])}
-    for tmp, final in staged:
-        os.replace(tmp, final)
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return meta
-
-
-def load_prepared(directory: str | Path, split: str) -> PreparedDataset:
-    """Read one split written by :func:`prepare`."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    meta_path, data_path = directory / "meta.json", directory / f"{split}.safetensors"
-    if not meta_path.is_file() or not data_path.is_file():
-        raise DataError(f"{directory}: no prepared '{split}' split; run `mmcoa fetch` first")
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(data_path))
-    return PreparedDataset(tensors["images"], tensors["labels"], meta["classnames"], meta["templates"], meta["dataset"])
+    ``root`` is the folder holding raw datasets (default :func:`default_root`); ``download`` lets
+    torchvision fetch what is missing; ``on_corrupt`` ('skip' or 'fail') is what a loader does with an
+    unreadable image. A dataset neither on disk nor downloadable raises :class:`DataError` saying
+    where it looked and how to obtain it.
+    """
+    if on_corrupt not in ON_CORRUPT:
+        raise DataError(f"on_corrupt: '{on_corrupt}' is not one of {', '.join(ON_CORRUPT)}")
+    spec = dataset_spec(name)
+    if split not in spec.splits:
+        raise DataError(f"{name}: no split '{split}'; splits: {', '.join(spec.splits)}")
+    root = Path(root).expanduser() if root else default_root()
+    if not download and not spec.present(root):
+        raise DataError(f"{name}: not found in {spec.folder(root)}; {spec.obtain}")
+    ds = spec.open(root, split, download)
+    ds.on_corrupt = on_corrupt
+    if spec.num_classes is not None and len(ds.classnames) != spec.num_classes:
+        raise DataError(
+            f"{name}: {len(ds.classnames)} class names for {spec.num_classes} classes in {spec.folder(root)}; "
+            "the files are incomplete or of another version"
+        )
+    return ds

@@ -37,9 +37,21 @@ class DefenseContext:
     same_class_targets: bool = False
     original: ClipModel | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    caption_groups: list[list[str]] | None = None
 
     def captions(self, labels: torch.Tensor) -> list[str]:
-        return [self.template.format(c=self.classnames[i]) for i in labels.tolist()]
+        """The caption of each label: its class prompt, or a random one of its caption group.
+
+        With ``caption_groups`` (pre-training on a captioned mixture) the choice uses torch's global
+        RNG, which the training loop seeds per step, so a resumed run draws the same captions.
+        """
+        if self.caption_groups is None:
+            return [self.template.format(c=self.classnames[i]) for i in labels.tolist()]
+        out = []
+        for g in labels.tolist():
+            group = self.caption_groups[g]
+            out.append(group[int(torch.randint(len(group), (1,)))])
+        return out
 
 
 @dataclass
@@ -54,6 +66,7 @@ class Defense:
     name: ClassVar[str] = ""
     trains: ClassVar[tuple[str, ...]] = ("image", "text", "scale")
     needs_original: ClassVar[bool] = False
+    trained_against: ClassVar[tuple[str, ...]] = ()  # the train-time attacks it uses: "image", "text"
 
     def __init__(self, model: ClipModel, ctx: DefenseContext):
         self.ctx = ctx

@@ -16,6 +16,7 @@ from mmcoa.defenses.base import Defense, DefenseOutput, fp32, inputs_only, regis
 @register_defense("fare")
 class FARE(Defense):
     trains = ("image",)
+    trained_against = ("image",)
     needs_original = True
 
     def __init__(self, model, ctx):

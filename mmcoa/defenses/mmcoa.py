@@ -40,6 +40,7 @@ def text_attack_from(params):
 @register_defense("mmcoa")
 class MMCoA(Defense):
     trains = ("image", "text", "scale")
+    trained_against = ("image", "text")
 
     def __init__(self, model, ctx):
         super().__init__(model, ctx)

@@ -25,6 +25,7 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 @register_defense("pmg_aft")
 class PMGAFT(TeCoA):
     trains = ("image",)
+    trained_against = ("image",)
     needs_original = True
 
     def loss(self, model, images, labels):

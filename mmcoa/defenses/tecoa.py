@@ -16,6 +16,7 @@ from mmcoa.zeroshot import ZeroShotClassifier, class_embeddings
 @register_defense("tecoa")
 class TeCoA(Defense):
     trains = ("image",)
+    trained_against = ("image",)
 
     def __init__(self, model, ctx):
         super().__init__(model, ctx)

@@ -1,0 +1,154 @@
+"""The subset of a dataset that a run uses, recorded on disk so that a pipeline reruns exactly what changed.
+
+``write_subset`` draws a stratified, seeded subset of one split and writes ``manifest.json`` (dataset,
+split, indices, content hash: see :func:`mmcoa.data.manifest`). A small subset is also cached decoded
+(``images.safetensors``: uint8 images of the chosen indices, when they share one size), so the embedded
+pipeline needs no raw files after ``fetch``; a large one streams from the source at every use.
+``open_subset`` gives back ``(dataset, indices)`` either way, behind the same map-style interface.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmcoa.data.registry import DataError, stratified_indices
+
+MANIFEST = "manifest.json"
+CACHE = "images.safetensors"
+
+
+class CachedSubset(torch.utils.data.Dataset):
+    """Decoded images of chosen indices, addressed by their index in the source split."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: list[int], meta: dict):
+        self.images, self.labels = images, labels
+        self.position = {i: p for p, i in enumerate(indices)}
+        self.name, self.classnames, self.templates = meta["dataset"], meta["classnames"], meta["templates"]
+        self.targets = np.zeros(max(indices) + 1 if indices else 0, dtype=np.int64)
+        self.targets[indices] = labels.numpy()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        p = self.position[int(i)]
+        return self.images[p], int(self.labels[p])
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{int(i)}]"
+
+
+def write_subset(dataset, n: int, seed: int, out_dir: str | Path, cache_max_images: int) -> dict:
+    """Choose ``n`` stratified samples of ``dataset`` (an ImageDataset), write manifest (+ cache)."""
+    from safetensors.torch import save_file
+
+    from mmcoa.data import manifest
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    indices = stratified_indices(np.asarray(dataset.targets), n, seed).tolist()
+    meta = {**manifest(dataset, indices), "classnames": list(dataset.classnames), "templates": list(dataset.templates)}
+    if len(indices) <= cache_max_images:
+        images, labels, kept = _decode(dataset, indices)
+        if images is not None:
+            save_file({"images": images, "labels": labels, "indices": torch.tensor(kept)}, str(out_dir / CACHE))
+            meta["cached"] = True
+    (out_dir / MANIFEST).write_text(json.dumps(meta, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return meta
+
+
+def _decode(dataset, indices: list[int]):
+    """Every chosen image, or (None, None, None) when sizes differ (then the subset streams)."""
+    images, labels, kept = [], [], []
+    for i in indices:
+        try:
+            image, label = dataset[i]
+        except DataError:
+            continue  # counted by the loader when it streams; a cache simply leaves it out
+        if images and image.shape != images[0].shape:
+            return None, None, None
+        images.append(image)
+        labels.append(label)
+        kept.append(i)
+    if not images:
+        return None, None, None
+    return torch.stack(images).contiguous(), torch.tensor(labels, dtype=torch.int64), kept
+
+
+def task_of(name: str) -> str:
+    """``retrieval`` for a name the retrieval registry knows, else ``classification``."""
+    from mmcoa.data.retrieval import is_retrieval_dataset
+
+    return "retrieval" if is_retrieval_dataset(name) else "classification"
+
+
+def write_retrieval_subset(dataset, n_images: int, seed: int, out_dir: str | Path) -> dict:
+    """Choose ``n_images`` images (with all their captions) of a retrieval set; write the manifest."""
+    import hashlib
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = len(dataset)
+    chosen = sorted(np.random.default_rng(seed).permutation(size)[: min(n_images, size)].tolist())
+    h = hashlib.sha256()
+    owner = dataset.caption_image.tolist()
+    keep = set(chosen)
+    for caption, image in zip(dataset.captions, owner):
+        if image in keep:
+            h.update(f"{image}\t{caption}\n".encode())
+    for i in chosen:
+        image, _ = dataset[i]
+        h.update(image.numpy().tobytes())
+    meta = {"dataset": dataset.name, "split": getattr(dataset, "split", "test"), "task": "retrieval",
+            "indices": chosen, "n": len(chosen), "content_sha256": h.hexdigest()}
+    (out_dir / MANIFEST).write_text(json.dumps(meta, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return meta
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{directory}: no {MANIFEST}; run `mmcoa fetch` (or `dvc repro`) to prepare it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg}); delete the folder and run `mmcoa fetch` again") from None
+
+
+def open_subset(directory: str | Path, root: str | None = None, download: bool = False, on_corrupt: str = "skip"):
+    """``(dataset, indices)`` of a subset written by :func:`write_subset`: from its cache, or streamed."""
+    from safetensors.torch import load_file
+
+    from mmcoa.data import open_dataset
+
+    directory = Path(directory)
+    meta = read_manifest(directory)
+    if meta.get("task") == "retrieval":
+        from mmcoa.data.retrieval import open_retrieval
+
+        full = open_retrieval(meta["dataset"], meta["split"], root=root)
+        return full.subset(meta["indices"]), list(meta["indices"])
+    if meta.get("cached") and (directory / CACHE).is_file():
+        try:
+            t = load_file(str(directory / CACHE))
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise DataError(f"{directory / CACHE}: unreadable ({err}); delete it and run `mmcoa fetch` again") from None
+        kept = t["indices"].tolist()
+        return CachedSubset(t["images"], t["labels"], kept, meta), kept
+    dataset = open_dataset(meta["dataset"], meta["split"], root=root, download=download, on_corrupt=on_corrupt)
+    return dataset, list(meta["indices"])
+
+
+def subset_batches(dataset, indices: list[int], **loader_kw):
+    """A ``batches`` function for training: lists of positions in ``indices`` -> a streaming loader."""
+    from mmcoa.data import make_loader
+
+    def batches(position_lists):
+        chunks = ([indices[i] for i in positions] for positions in position_lists)
+        return make_loader(dataset, chunks, **loader_kw)
+
+    return batches

@@ -1,0 +1,109 @@
+"""The statistics behind every claim of the report: intervals, paired tests, spread across seeds.
+
+- :func:`wilson_interval`: 95% interval of one accuracy (Wilson score; it stays inside [0, 1] and
+  behaves at 0% and 100%, where the normal interval collapses).
+- :func:`paired_test`: exact McNemar test of two models on the same samples (a two-sided binomial
+  test on the discordant pairs), the right test when both accuracies come from the same images.
+- :func:`mean_interval`: 95% interval of an average of accuracies from independent datasets.
+- :func:`holm`: Holm's step-down correction, for a list of findings made from many tests.
+- :func:`spread`: mean, sample standard deviation, minimum and maximum across seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from scipy.stats import binomtest, norm
+
+Z95 = float(norm.ppf(0.975))
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (95% by default); (0, 1) when ``n == 0``."""
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} must lie in [0, n={n}]")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_interval(acc: float, n: int) -> tuple[float, float]:
+    """Wilson interval of an accuracy given as a fraction of ``n`` samples (rounded to whole samples)."""
+    return wilson_interval(round(acc * n), n)
+
+
+class PairedTest(NamedTuple):
+    """``a`` minus ``b`` on the same samples: accuracy difference, exact McNemar p-value, discordant counts.
+
+    ``n01``: samples ``b`` gets right and ``a`` wrong; ``n10``: ``a`` right and ``b`` wrong.
+    """
+
+    diff: float
+    p: float
+    n01: int
+    n10: int
+
+
+def paired_test(a_correct: Sequence[int], b_correct: Sequence[int]) -> PairedTest:
+    """Exact McNemar test: under H0 each discordant pair favours ``a`` or ``b`` with probability 1/2."""
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired outcomes must be two vectors of one length, got {a.shape} and {b.shape}")
+    n10 = int(np.sum(a & ~b))
+    n01 = int(np.sum(~a & b))
+    p = 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
+    diff = (n10 - n01) / len(a) if len(a) else 0.0
+    return PairedTest(diff, min(p, 1.0), n01, n10)
+
+
+def mean_interval(accs: Sequence[float], ns: Sequence[int], z: float = Z95) -> tuple[float, float]:
+    """95% normal interval of the mean of accuracies measured on independent datasets.
+
+    Var(mean) = sum_i p_i (1 - p_i) / n_i / k^2; clipped to [0, 1].
+    """
+    if not accs or len(accs) != len(ns):
+        raise ValueError("mean_interval needs one sample size per accuracy")
+    k = len(accs)
+    mean = sum(accs) / k
+    half = z * math.sqrt(sum(p * (1 - p) / n for p, n in zip(accs, ns))) / k
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def holm(pvalues: Sequence[float], alpha: float = 0.05) -> list[bool]:
+    """Which hypotheses Holm's step-down procedure rejects at family-wise level ``alpha``."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    reject = [False] * len(pvalues)
+    m = len(pvalues)
+    for rank, i in enumerate(order):
+        if pvalues[i] > alpha / (m - rank):
+            break
+        reject[i] = True
+    return reject
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Summary of one metric across seeds (``std`` is the sample standard deviation, 0 for one seed)."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    n: int
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Mean, sample standard deviation (ddof 1), minimum and maximum of ``values``."""
+    if not values:
+        raise ValueError("spread of no values")
+    v = np.asarray(values, dtype=float)
+    std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return Spread(float(v.mean()), std, float(v.min()), float(v.max()), len(v))
