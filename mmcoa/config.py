@@ -82,9 +82,12 @@ class BaseParams(Strict):
 class ZeroShotParams(Strict):
     """How class prompts are built for zero-shot classification and for text attacks."""
 
-    templates: list[str] | None = Field(
-        None, description="None = the dataset's own template (field-standard)"
+    prompts: Literal["first", "ensemble", "paper"] = Field(
+        "first",
+        description="Class prompts per dataset: its first template, the field's prompt ensemble (mean embedding), "
+        "or the MMCoA authors' single template",
     )
+    templates: list[str] | None = Field(None, description="Explicit templates for every dataset (overrides prompts)")
     batch_size: int = Field(256, ge=1)
 
 

@@ -21,7 +21,7 @@ from mmcoa import distributed as dist
 from mmcoa.attacks import Attack, create_attack
 from mmcoa.attacks.cascade import run_cascade
 from mmcoa.attacks.multimodal import ZeroShotTask, run_zeroshot_attack
-from mmcoa.data.registry import stratified_indices
+from mmcoa.data import stratified_indices
 from mmcoa.models import ClipModel
 from mmcoa.zeroshot import ZeroShotClassifier, build_prompts, class_embeddings
 

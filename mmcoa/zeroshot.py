@@ -14,6 +14,25 @@ from mmcoa.models import ClipModel
 EVAL_SCALE = 100.0  # softmax(100 * cos): CLIP's and the authors' evaluation temperature
 
 
+PROMPT_SETS = {
+    "first": lambda ds: list(ds.templates)[:1],
+    "ensemble": lambda ds: list(ds.templates),
+    "paper": lambda ds: [getattr(ds, "paper_template", None) or ds.templates[0]],
+}
+
+
+def select_templates(dataset, prompts: str = "first", templates: list[str] | None = None) -> list[str]:
+    """The templates a dataset is classified with: explicit ones, or a named set of its own.
+
+    A text attack edits the first of them; the classifier uses their mean embedding.
+    """
+    if templates:
+        return list(templates)
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set '{prompts}'; choose one of {', '.join(PROMPT_SETS)}")
+    return PROMPT_SETS[prompts](dataset)
+
+
 def build_prompts(classnames: list[str], template: str) -> list[str]:
     return [template.format(c=c) for c in classnames]
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from mmcoa.attacks import AttackError, attack_class, create_attack, list_attacks
-from mmcoa.data import load_prepared
-from mmcoa.evaluate import evaluate_suite
+from mmcoa.data import make_loader
+from mmcoa.data.subset import open_subset
+from mmcoa.evaluate import SuiteEntry, evaluate_classification, sample_indices
 from mmcoa.models import load_model
-from stages.common import PARAMS_OPTION, SET_OPTION, StageError, load, progress, setup_runtime, write_json
+from mmcoa.zeroshot import select_templates
+from stages.common import loader_options, PARAMS_OPTION, SET_OPTION, StageError, load, progress, setup_runtime, write_json
 
 
 def _describe(name: str) -> str:
@@ -38,8 +41,8 @@ def attack(
     attack_name: str = typer.Option(None, "--attack", help="Registered attack name (see --list)."),
     arg: list[str] = typer.Option(None, "--arg", "-a", help="Attack parameter: -a eps_255=4 (repeatable; YAML value)."),
     model: Path = typer.Option(None, help="Model folder (open_clip local-dir format)."),
-    data: Path = typer.Option(Path("data/prepared"), help="Prepared dataset folder."),
-    n_samples: int = typer.Option(None, help="Test samples (default: evaluate.n_samples)."),
+    data: Path = typer.Option(None, help="Evaluation subset folder from `mmcoa fetch-eval` (default: data/eval/DATA.DATASET)."),
+    n_samples: int = typer.Option(None, help="Samples (default: all of the subset, i.e. evaluate.n_samples)."),
     out: Path = typer.Option(None, help="Write the accuracies and threat model to this JSON file."),
     list_: bool = typer.Option(False, "--list", help="List registered attacks with their parameters and exit."),
     params: Path = PARAMS_OPTION,
@@ -63,14 +66,23 @@ def attack(
         raise StageError(str(err)) from None
     p = load(params, set_)
     device = setup_runtime(p)
-    test_set = load_prepared(data, "test")
+    data = data or Path("data/eval") / p.data.dataset
+    test_set, indices = open_subset(data, p.data.root, p.data.download, p.data.on_corrupt)
     clip = load_model(model, device)
-    template = (p.zeroshot.templates or [None])[0]
+    templates = select_templates(test_set, p.zeroshot.prompts, p.zeroshot.templates)
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    if n_samples and n_samples < len(idx):  # a stratified subset of the subset
+        keep = sample_indices(torch.as_tensor(test_set.targets)[idx], n_samples, p.seed)
+        idx = idx[keep]
+    entry = SuiteEntry(attack_name, atk, "attack")
+    options = loader_options(clip, p)
     with progress() as bar:
         task = bar.add_task(attack_name, total=None)
-        result = evaluate_suite(clip, test_set, [(attack_name, atk)], template, n_samples or p.evaluate.n_samples,
-                                p.evaluate.batch_size, p.seed, None, 0,
-                                lambda a, d, t: bar.update(task, completed=d, total=t))
+        result = evaluate_classification(
+            clip, lambda chunks: make_loader(test_set, chunks, **options), idx, list(test_set.classnames), templates,
+            [entry], test_set.name, p.evaluate.batch_size, p.seed, None, 0,
+            lambda d, t: bar.update(task, completed=d, total=t),
+        )
     clean = result.metrics[f"{test_set.name}.clean.acc"]
     robust = result.metrics[f"{test_set.name}.{attack_name}.acc"]
     table = Table(title=f"{model} on {test_set.name} ({result.n} samples)")

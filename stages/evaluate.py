@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import torch
 import typer
 from safetensors.torch import save_file
 
@@ -24,6 +25,7 @@ from mmcoa.evaluate import (
     linear_probe_accuracy,
     suite_from_specs,
 )
+from mmcoa.zeroshot import select_templates
 from mmcoa.models import ClipModel, ModelLoadError, create_model, load_model
 from mmcoa.config import Params
 from stages.common import PARAMS_OPTION, loader_options, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
@@ -100,10 +102,8 @@ def _classification(name: str, model: ClipModel, dataset, indices: list[int], p:
     e = p.evaluate
     suite = suite_from_specs([s.model_dump() for s in e.suite])
     sweep = (e.sweep.attack, e.sweep.params, list(e.sweep_eps_255)) if e.sweep and e.sweep_eps_255 else None
-    templates = p.zeroshot.templates or list(dataset.templates)[:1]
+    templates = select_templates(dataset, p.zeroshot.prompts, p.zeroshot.templates)
     batches = _batches(dataset, model, p)
-    import torch
-
     idx = torch.as_tensor(indices, dtype=torch.long)
     with progress() as bar:
         t = bar.add_task(f"{name} on {dataset.name}", total=None)

@@ -102,7 +102,7 @@ def test_registry_and_params():
     w = create_attack("word", word_budget=2, candidates="glove", k=5, cos_threshold=0.6, mlm_name="x")
     assert w.threat_model()["word_budget"] == 2 and w.threat_model()["side"] == "text"
     with pytest.raises(AttackError, match="candidates"):
-        create_attack("word", candidates="wordnet")
+        create_attack("word", candidates="thesaurus")
     with pytest.raises(AttackError, match="unknown parameter"):
         create_attack("char", word_budget=1)
     assert create_attack("word", word_budget=0).perturb(["a photo of a cat."], WordLikes(["dog"])) == ["a photo of a cat."]

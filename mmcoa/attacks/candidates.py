@@ -14,6 +14,8 @@ of identical captions costs one lookup (and one masked-LM forward) per unique te
   ``j`` is read at ``offset + p`` where ``offset`` counts the leading special tokens ([CLS]); the
   authors' code read ``p`` and so replaced "tiger shark" by "tiger [UNK]". Multi-piece words get the
   combinations of the top predictions at each piece, ranked by mean log-probability.
+* :class:`WordNetSynonyms` -- the lemma names of the word's WordNet synsets (TextAttack's
+  WordSwapWordNet), read offline from Debian's wordnet-base with nltk.
 * :class:`CharEdits` -- every string at edit distance 1 (insert / delete / substitute one lowercase
   letter; Charmer, Abad Rocamora et al. 2024), sampled deterministically down to ``max_candidates``.
 """
@@ -27,7 +29,7 @@ import re
 import zlib
 from functools import lru_cache
 from itertools import product
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -192,6 +194,38 @@ class CandidateSource:
 
     def propose(self, requests: Sequence[Request], k: int, accept: Accept) -> list[list[str]]:
         raise NotImplementedError
+
+    def related(self, word: str) -> set[str]:
+        """Words this source holds as equivalent to ``word`` (banned as substitutes when ``word``
+        is protected); empty by default."""
+        return set()
+
+
+# A registry of sources: name -> factory(options) where options carries the attack's params
+# (``cos_threshold``, ``mlm_name``, ``seed``; each factory reads the ones it needs).
+_SOURCES: dict[str, Callable[[Any], CandidateSource]] = {}
+
+
+def register_source(name: str):
+    """Decorator: register a factory ``options -> CandidateSource`` under ``name``."""
+
+    def deco(factory: Callable[[Any], CandidateSource]):
+        if name in _SOURCES:
+            raise ValueError(f"candidate source '{name}' registered twice")
+        _SOURCES[name] = factory
+        return factory
+
+    return deco
+
+
+def list_sources() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def create_source(name: str, options: Any = None) -> CandidateSource:
+    if name not in _SOURCES:
+        raise ValueError(f"unknown candidate source '{name}'; registered: {', '.join(list_sources())}")
+    return _SOURCES[name](options)
 
 
 class GloveNeighbours(CandidateSource):
@@ -414,3 +448,65 @@ class CharEdits(CandidateSource):
                 cands = [cands[i] for i in sorted(rng.sample(range(len(cands)), k))]
             result.append(cands)
         return result
+
+
+class WordNetSynonyms(CandidateSource):
+    """WordNet 3.0 synonyms (TextAttack's WordSwapWordNet): the lemma names of all synsets of the
+    word, in WordNet's order, single words only (multi-word lemmas would change the word count).
+    Data: Debian's wordnet-base, read offline with nltk (``wordnet.py``)."""
+
+    def __init__(self):
+        from mmcoa.attacks.wordnet import load_wordnet
+
+        load_wordnet()  # fail now, with the install hint, rather than in the middle of an attack
+        self._cache: dict[str, list[str]] = {}
+
+    def ranked(self, word: str) -> list[str]:
+        w = word.lower()
+        if w not in self._cache:
+            from mmcoa.attacks.wordnet import synonyms
+
+            self._cache[w] = [s for s in synonyms(w) if is_plain_word(s)]
+        return self._cache[w]
+
+    def related(self, word: str) -> set[str]:
+        from mmcoa.attacks.wordnet import synonyms
+
+        return {s for name in synonyms(word) for s in [name, *name.split()]}
+
+    def propose(self, requests: Sequence[Request], k: int, accept: Accept) -> list[list[str]]:
+        out = []
+        for words, j in requests:
+            keep: list[str] = []
+            for cand in self.ranked(words[j]):
+                if len(keep) >= k:
+                    break
+                if accept(words[j], cand):
+                    keep.append(cand)
+            out.append(keep)
+        return out
+
+
+def _option(options: Any, name: str, default: Any) -> Any:
+    value = getattr(options, name, None)
+    return default if value is None else value
+
+
+@register_source("glove")
+def _glove(options: Any) -> CandidateSource:
+    return GloveNeighbours(_option(options, "cos_threshold", 0.5))
+
+
+@register_source("mlm")
+def _mlm(options: Any) -> CandidateSource:
+    return MaskedLMCandidates(_option(options, "mlm_name", "bert-base-uncased"))
+
+
+@register_source("wordnet")
+def _wordnet(options: Any) -> CandidateSource:
+    return WordNetSynonyms()
+
+
+@register_source("char")
+def _char(options: Any) -> CandidateSource:
+    return CharEdits(_option(options, "seed", 0))

@@ -35,6 +35,8 @@ near-synonym of one, changes the label and is not an adversarial example, so:
   2458 words including "photo" itself (0.53 to the class set) and "picture"; at 0.65 they still ban
   the plurals and near-synonyms ("shirts", "t-shirts", "trousers", "pants", "sweater", "shoe",
   "sneakers", "boots", "jacket").
+* "word" with ``candidates="wordnet"``: in addition, no WordNet synonym of a protected word (nor
+  its inflections) is offered ("bag" bans "handbag", "purse", "pocketbook").
 * "char": class-name words may receive typos (a human still reads the label), but an edit whose result
   is exactly a protected word is rejected.
 
@@ -46,11 +48,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mmcoa.attacks.base import Attack, AttackParams, TextObjective, register_attack
 from mmcoa.attacks.candidates import (
@@ -58,9 +60,10 @@ from mmcoa.attacks.candidates import (
     CandidateSource,
     CharEdits,
     GloveNeighbours,
-    MaskedLMCandidates,
     WordVectors,
+    create_source,
     levenshtein,
+    list_sources,
     load_word_vectors,
     match_case,
     split_token,
@@ -71,10 +74,22 @@ MASK = "[UNK]"
 
 
 class TextAttack(Attack):
+    """Text attacks: ``perturb(texts [N], objective, protected=None) -> texts [N]``.
+
+    Subclasses implement ``forward(texts, objective, protected)``; the template method ``perturb``
+    (``Attack.perturb``) returns the texts unchanged for an empty batch or a zero budget.
+    """
+
     kind = "text"
 
     def perturb(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+        return super().perturb(list(texts), objective, protected=protected)
+
+    def forward(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
         raise NotImplementedError
+
+    def unchanged(self, texts: list[str]) -> list[str]:
+        return list(texts)
 
 
 # --- texts as words --------------------------------------------------------------------------
@@ -289,13 +304,20 @@ def greedy_substitute(
 
 class WordParams(AttackParams):
     word_budget: int = Field(1, ge=0, description="Most words changed per text")
-    candidates: Literal["glove", "mlm"] = "glove"
+    candidates: str = Field("glove", description="Candidate source: glove | mlm | wordnet | char")
     k: int = Field(10, ge=1, description="Candidates per position")
     cos_threshold: float = Field(0.5, ge=-1, le=1, description="GloVe: least cosine of a neighbour")
     mlm_name: str = Field("bert-base-uncased", description="Masked LM (hub name or local dir) for mlm")
     max_positions: int | None = Field(None, ge=1, description="Most positions tried, by importance; None: all")
     min_word_cos: float | None = Field(None, ge=-1, le=1, description="Least GloVe cosine original/substitute")
     protect_cos: float | None = Field(0.65, ge=-1, le=1, description="Ban words this close to a protected word")
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_source(cls, name: str) -> str:
+        if name not in list_sources():
+            raise ValueError(f"unknown candidate source '{name}'; registered: {', '.join(list_sources())}")
+        return name
 
 
 @register_attack("word")
@@ -326,7 +348,7 @@ class WordSubstitution(TextAttack):
     def source(self) -> CandidateSource:
         if self._source is None:
             p = self.params
-            self._source = GloveNeighbours(p.cos_threshold) if p.candidates == "glove" else MaskedLMCandidates(p.mlm_name)
+            self._source = create_source(p.candidates, p)
         return self._source
 
     @source.setter
@@ -343,6 +365,8 @@ class WordSubstitution(TextAttack):
         p = self.params
         prot = protected_words(protected)
         banned = set().union(*(word_variants(w) for w in prot)) if prot else set()
+        for w in prot:  # the source's own equivalents of a class name (WordNet: its synonyms)
+            banned.update(*(word_variants(r) for r in self.source.related(w)))
         vectors = self._vectors() if (p.min_word_cos is not None or (prot and p.protect_cos is not None)) else None
         prot_mat = None
         if vectors is not None and prot and p.protect_cos is not None:
@@ -375,7 +399,10 @@ class WordSubstitution(TextAttack):
 
         return editable, accept
 
-    def perturb(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+    def is_identity(self) -> bool:
+        return self.params.word_budget == 0
+
+    def forward(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
         p = self.params
         editable, accept = self._filters(protected)
         self.stats = EngineStats()
@@ -443,7 +470,10 @@ class CharEdit(TextAttack):
     def _k(self) -> int:
         return self.params.max_candidates or 10**9
 
-    def perturb(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+    def is_identity(self) -> bool:
+        return self.params.char_budget == 0
+
+    def forward(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
         p = self.params
         editable, accept = self._filters(protected)
         self.stats = EngineStats()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmcoa.data.registry import DataError, stratified_indices
+from mmcoa.data import DataError, stratified_indices
 
 MANIFEST = "manifest.json"
 CACHE = "images.safetensors"
@@ -28,6 +28,7 @@ class CachedSubset(torch.utils.data.Dataset):
         self.images, self.labels = images, labels
         self.position = {i: p for p, i in enumerate(indices)}
         self.name, self.classnames, self.templates = meta["dataset"], meta["classnames"], meta["templates"]
+        self.paper_template = meta.get("paper_template")
         self.targets = np.zeros(max(indices) + 1 if indices else 0, dtype=np.int64)
         self.targets[indices] = labels.numpy()
 
@@ -51,7 +52,8 @@ def write_subset(dataset, n: int, seed: int, out_dir: str | Path, cache_max_imag
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     indices = stratified_indices(np.asarray(dataset.targets), n, seed).tolist()
-    meta = {**manifest(dataset, indices), "classnames": list(dataset.classnames), "templates": list(dataset.templates)}
+    meta = {**manifest(dataset, indices), "classnames": list(dataset.classnames), "templates": list(dataset.templates),
+            "paper_template": getattr(dataset, "paper_template", None)}
     if len(indices) <= cache_max_images:
         images, labels, kept = _decode(dataset, indices)
         if images is not None:

@@ -1,0 +1,300 @@
+"""The report as a pure function of evaluation folders: statistics against scipy and hand computations,
+findings only with a significant paired test, worst-case and held-out arithmetic, masking flags,
+stable outputs, one-line errors, and `mmcoa seeds` against a real DVC repository."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, norm
+from typer.testing import CliRunner
+
+from mmcoa.report import (
+    Collection,
+    ReportError,
+    Run,
+    compare,
+    headline_metrics,
+    load_evaluation,
+    masking_flags,
+    seed_runs,
+    seeds_markdown,
+    splice_summary,
+    trained_status,
+)
+from mmcoa.stats import holm, mean_interval, paired_test, spread, wilson_interval
+from stages.cli import app
+
+PGD = {"attack": "pgd", "side": "image", "family": "image", "norm": "linf", "eps_255": 4, "steps": 10}
+SQUARE = {"attack": "square", "side": "image", "family": "image", "norm": "linf", "eps_255": 4, "queries": 1000}
+WORD = {"attack": "word", "side": "text", "family": "text", "word_budget": 1, "candidates": "glove", "k": 10}
+CHAR = {"attack": "char", "side": "text", "family": "text", "char_budget": 1}
+MM = {"attack": "multimodal", "side": "both", "family": "multimodal", "mode": "co_attack", "image": PGD, "text": WORD}
+THREATS = {"clean": {"attack": "none", "side": "image", "family": "clean"}, "image": PGD, "square": SQUARE,
+           "text": WORD, "text_char": CHAR, "multimodal": MM}
+FAMILIES = {"image": ["image", "square"], "text": ["text", "text_char"], "multimodal": ["multimodal"]}
+
+
+def vec(n: int, k: int, seed: int = 0) -> list[int]:
+    """n outcomes with exactly k correct, at positions drawn from ``seed``."""
+    v = np.zeros(n, dtype=int)
+    v[np.random.default_rng(seed).choice(n, k, replace=False)] = 1
+    return v.tolist()
+
+
+def write_eval(root: Path, model: str, dataset: str, correct: dict[str, list[int]], role: str = "held_out",
+               trained_on: dict | None = None, **extra) -> Path:
+    """An evaluation folder as the evaluate stage writes it; metrics and worst columns derived from ``correct``."""
+    n = len(next(iter(correct.values())))
+    correct = dict(correct)
+    families = {f: [a for a in attacks if a in correct] for f, attacks in FAMILIES.items()}
+    families = {f: a for f, a in families.items() if a}
+    for f, attacks in families.items():
+        correct[f"worst_{f}"] = np.logical_and.reduce([np.array(correct[a], bool) for a in attacks]).astype(int).tolist()
+    result = {"model": model, "dataset": dataset, "task": "classification", "role": role, "n": n,
+              "metrics": {f"{dataset}.{a}.acc": float(np.mean(v)) for a, v in correct.items()},
+              "threat_models": {a: THREATS[a] for a in correct if a in THREATS}, "families": families,
+              "worst": {f: f"worst_{f}" for f in families}, "gradient_masking_flags": [], "examples": {},
+              "classnames": [f"c{i}" for i in range(10)], "template": "a photo of a {c}.",
+              "trained_on": trained_on, **extra}
+    folder = root / model / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(result))
+    (folder / "outcomes.json").write_text(json.dumps({"indices": list(range(n)), "correct": correct}))
+    return folder
+
+
+def run_report(evals: Path, out: Path):
+    return CliRunner().invoke(app, ["report", "--evals", str(evals), "--out", str(out)])
+
+
+def load_all(evals: Path) -> Collection:
+    evs = []
+    for f in sorted(evals.glob("*/*/result.json")):
+        o = f.parent / "outcomes.json"
+        evs.append(load_evaluation(json.loads(f.read_text()), json.loads(o.read_text()) if o.exists() else None, str(f)))
+    return Collection(evs)
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (137, 400), (399, 400)])
+def test_wilson_matches_scipy(k, n):
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_paired_test_is_exact_mcnemar():
+    a = [1] * 30 + [0] * 5 + [1] * 50 + [0] * 15   # 30 a-only, 5 b-only, 50 both, 15 neither
+    b = [0] * 30 + [1] * 5 + [1] * 50 + [0] * 15
+    diff, p, n01, n10 = paired_test(a, b)
+    assert (n01, n10) == (5, 30)
+    assert diff == pytest.approx((30 - 5) / 100)
+    # Hand computation: two-sided exact binomial on 35 discordant pairs = 2 * P(X <= 5), X ~ Bin(35, 1/2).
+    assert p == pytest.approx(2 * sum(math.comb(35, i) for i in range(6)) / 2**35, rel=1e-9)
+    assert p == pytest.approx(binomtest(30, 35, 0.5).pvalue, rel=1e-12)
+    assert paired_test([1, 0, 1], [1, 0, 1]).p == 1.0
+
+
+def test_mean_interval_holm_and_spread_by_hand():
+    lo, hi = mean_interval([0.5, 0.8], [100, 400])
+    half = norm.ppf(0.975) * math.sqrt(0.25 / 100 + 0.16 / 400) / 2
+    assert (lo, hi) == pytest.approx((0.65 - half, 0.65 + half))
+    # Holm at 5% over 3 tests: thresholds 0.05/3, 0.05/2, 0.05 in order of p.
+    assert holm([0.01, 0.04, 0.03]) == [True, False, False]
+    assert holm([0.01, 0.02, 0.04]) == [True, True, True]
+    s = spread([0.5, 0.7, 0.6])
+    assert (s.mean, s.min, s.max, s.n) == pytest.approx((0.6, 0.5, 0.7, 3))
+    assert s.std == pytest.approx(math.sqrt(((0.1) ** 2 + 0.1 ** 2) / 2))
+
+
+# --- the report's arithmetic -----------------------------------------------------------------
+
+
+def _two_models(evals: Path, k_strong: int, k_weak: int, n: int = 400):
+    """mmcoa and tecoa on one fine-tuning set; mmcoa right on k_strong samples under text, tecoa on k_weak (nested)."""
+    text_strong = [1] * k_strong + [0] * (n - k_strong)
+    text_weak = [1] * k_weak + [0] * (n - k_weak)
+    common = {"clean": vec(n, 320, 1), "image": vec(n, 200, 2)}
+    write_eval(evals, "mmcoa", "fm", {**common, "text": text_strong}, role="finetune")
+    write_eval(evals, "tecoa", "fm", {**common, "text": text_weak}, role="finetune")
+
+
+def test_finding_only_when_mcnemar_rejects(tmp_path):
+    _two_models(tmp_path / "sig", 300, 260)       # 40 discordant, all one way: p = 2 / 2**40
+    _two_models(tmp_path / "same", 300, 295)      # 5 discordant: p = 0.0625
+    sig = [c for c in compare(load_all(tmp_path / "sig")) if c.attack == "text"][0]
+    same = [c for c in compare(load_all(tmp_path / "same")) if c.attack == "text"][0]
+    assert sig.p == pytest.approx(binomtest(40, 40).pvalue) and sig.p < 0.05
+    assert same.p == pytest.approx(binomtest(5, 5).pvalue) and same.p >= 0.05
+    for case, expect in (("sig", True), ("same", False)):
+        assert run_report(tmp_path / case, tmp_path / f"out_{case}").exit_code == 0
+        md = (tmp_path / f"out_{case}" / "report.md").read_text()
+        stated = "MMCoA > TeCoA under text on fm: +10.0 points" in md
+        assert stated is expect
+        assert ("Not distinguishable at this sample size (p >= 0.05): TeCoA vs MMCoA" in md.split("**text on fm**")[1]) is not expect
+    summary = (tmp_path / "out_sig" / "summary.md").read_text()
+    assert "text on fm (400 samples): MMCoA > TeCoA (+10.0 points" in summary
+
+
+def test_worst_case_heldout_average_and_headline(tmp_path):
+    n = 200
+    for i, model in enumerate(("base", "tecoa")):
+        for d, role in (("fm", "finetune"), ("digits", "held_out"), ("mnist", "held_out")):
+            write_eval(tmp_path, model, d, {"clean": vec(n, 150 + i, 1), "image": vec(n, 90 + 10 * i, 2),
+                                            "square": vec(n, 100, 3), "text": vec(n, 120, 4),
+                                            "text_char": vec(n, 60, 5), "multimodal": vec(n, 50, 6)}, role=role)
+    # A retrieval set and a held-out retrieval role must stay out of the held-out classification average.
+    folder = tmp_path / "base" / "coco"
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({
+        "model": "base", "dataset": "coco", "task": "retrieval", "role": "held_out", "n": 10, "n_captions": 50,
+        "metrics": {"coco.clean.i2t_r1": 0.0, "coco.clean.t2i_r1": 0.0}, "threat_models": {}}))
+    col = load_all(tmp_path)
+    for e in col.evals:
+        for family, attacks in e.families.items():
+            worst = e.acc(f"worst_{family}")
+            assert all(worst <= e.acc(a) for a in attacks)
+            assert worst == pytest.approx(np.mean(np.logical_and.reduce([e.correct[a] for a in attacks])))
+    head = headline_metrics(col)
+    for model in ("base", "tecoa"):
+        expect = np.mean([col.get(model, d).acc("worst_image") for d in ("digits", "mnist")])
+        assert head[f"{model}.heldout.worst_image"] == pytest.approx(expect)
+        assert head[f"{model}.heldout.clean"] == pytest.approx(np.mean([col.get(model, d).acc("clean") for d in ("digits", "mnist")]))
+    assert set(head) == {f"{m}.{k}" for m in ("base", "tecoa") for k in
+                         ("heldout.clean", "heldout.worst_image", "heldout.worst_text", "heldout.worst_multimodal",
+                          "fm.clean", "fm.image", "fm.text", "fm.multimodal")}
+    res = run_report(tmp_path, tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out" / "headline.json").read_text()) == pytest.approx(head)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["tecoa.digits.text_char.acc"] == col.get("tecoa", "digits").acc("text_char")
+    assert "base.coco.clean.i2t_r1" in metrics
+
+
+def test_masking_flag_when_white_box_beats_square(tmp_path):
+    n = 100
+    write_eval(tmp_path / "a", "base", "fm", {"clean": vec(n, 80), "image": vec(n, 50, 1), "square": vec(n, 40, 2)}, role="finetune")
+    write_eval(tmp_path / "b", "base", "fm", {"clean": vec(n, 80), "image": vec(n, 40, 1), "square": vec(n, 50, 2)}, role="finetune")
+    flags = masking_flags(load_all(tmp_path / "a"))
+    assert len(flags) == 1 and "white-box image 50.0% is above black-box square (square) 40.0%" in flags[0]
+    assert masking_flags(load_all(tmp_path / "b")) == []
+
+
+def test_trained_on_versus_held_out():
+    trained = {"dataset": "fm", "image": {**PGD, "steps": 3}, "text": WORD}
+    assert trained_status(PGD, trained) == "trained-on"
+    assert trained_status({**PGD, "eps_255": 8}, trained) == "held out"
+    assert trained_status(WORD, trained) == "trained-on"
+    assert trained_status({**WORD, "k": 20}, trained) == "held out"
+    assert trained_status(CHAR, trained) == "held out"
+    assert trained_status(MM, trained) == "trained-on"
+    assert trained_status(MM, {"dataset": "fm", "image": PGD, "text": None}) == "image side"
+    assert trained_status(PGD, None) == "held out"
+
+
+# --- outputs, errors, README -----------------------------------------------------------------
+
+
+def test_outputs_byte_identical_on_rerun(tmp_path):
+    _two_models(tmp_path / "evals", 300, 260)
+    write_eval(tmp_path / "evals", "base", "digits", {"clean": vec(50, 30), "image": vec(50, 10, 1)},
+               sweep=[{"eps_255": 0, "acc": 0.6}, {"eps_255": 4, "acc": 0.2}])
+    outs = []
+    for name in ("one", "two"):
+        assert run_report(tmp_path / "evals", tmp_path / name).exit_code == 0
+        outs.append({p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
+    assert outs[0] == outs[1]
+    assert {"report.md", "summary.md", "metrics.json", "headline.json", "sweep.json", "figures/overview.png",
+            "figures/accuracy.png", "figures/sweep.png"} <= {str(p) for p in outs[0]}
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f / "result.json").write_text("{\"model\": "), "not valid JSON"),
+    (lambda f: (f / "result.json").write_text(json.dumps({"model": "m", "dataset": "fm", "n": 4})), "missing key 'metrics'"),
+    (lambda f: (f / "outcomes.json").write_text(json.dumps({"indices": [0, 1], "correct": {"clean": [1, 0]}})), "'indices' must list"),
+    (lambda f: (f / "result.json").unlink(), "no <model>/<dataset>/result.json found"),
+])
+def test_garbled_or_missing_results_exit_2_with_one_line(tmp_path, damage, message):
+    folder = write_eval(tmp_path / "evals", "base", "fm", {"clean": vec(20, 10)}, role="finetune")
+    damage(folder)
+    res = CliRunner().invoke(app, ["report", "--evals", str(tmp_path / "evals"), "--out", str(tmp_path / "out")])
+    assert res.exit_code != 0
+    proc = subprocess.run([sys.executable, "-m", "stages", "report", "--evals", str(tmp_path / "evals"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_worst_above_its_family_is_an_error(tmp_path):
+    folder = write_eval(tmp_path, "base", "fm", {"clean": vec(20, 10), "image": vec(20, 5, 1)}, role="finetune")
+    result = json.loads((folder / "result.json").read_text())
+    result["metrics"]["fm.worst_image.acc"] = 0.5
+    with pytest.raises(ReportError, match="worst_image = 0.5000 is above image = 0.2500"):
+        load_evaluation(result, None, "r.json")
+
+
+def test_splice_summary():
+    readme = "# T\n\nintro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n"
+    assert splice_summary(readme, "| a |\n") == "# T\n\nintro\n<!-- results:start -->\n| a |\n<!-- results:end -->\nrest\n"
+    with pytest.raises(ReportError, match="results:start"):
+        splice_summary("# T\n", "x")
+
+
+# --- seeds -----------------------------------------------------------------------------------
+
+
+def test_seed_runs_keep_only_seed_differences():
+    runs = [Run("main", {"seed": 0, "lr": 1}, {"m.a": 0.5}), Run("e1", {"seed": 1, "lr": 1}, {"m.a": 0.7}),
+            Run("e2", {"seed": 2, "lr": 2}, {"m.a": 0.9}), Run("e3", {"seed": 1, "lr": 1}, {"m.a": 0.1}),
+            Run("e4", {"seed": 4, "lr": 1}, {})]
+    kept, notes = seed_runs(runs)
+    assert [r.name for r in kept] == ["main", "e1"]
+    assert len(notes) == 3 and "lr" in notes[0]
+    md = seeds_markdown(kept, notes)
+    s = spread([0.5, 0.7])
+    assert f"| m.a | {100 * s.mean:.1f} | {100 * s.std:.2f} | 50.0 | 70.0 | 2 |" in md
+
+
+STAGE_CMD = ("python3 -c \"import json,yaml;s=yaml.safe_load(open('params.yaml'))['seed'];"
+             "json.dump({'m.heldout.clean':0.5+s/100},open('headline.json','w'))\"")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_seeds_command_on_a_real_dvc_repo(tmp_path):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def sh(*cmd):
+        subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    (tmp_path / "params.yaml").write_text("seed: 0\nother: 1\n")
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  run:\n    cmd: {json.dumps(STAGE_CMD)}\n    params: [seed]\n"
+        "    metrics:\n      - headline.json:\n          cache: false\n")
+    sh("git", "init", "-q")
+    sh(*dvc, "init", "-q")
+    sh(*dvc, "repro", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "init")
+    for s in (1, 3):
+        sh(*dvc, "exp", "run", "-q", "-S", f"seed={s}")
+    proc = subprocess.run([sys.executable, "-m", "stages", "seeds", "--metrics", "headline.json", "--out", "seeds.md"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "seeds.md").read_text()
+    s = spread([0.50, 0.51, 0.53])
+    assert "3 runs that differ only by `seed` (0, " in md
+    assert f"| m.heldout.clean | {100 * s.mean:.1f} | {100 * s.std:.2f} | 50.0 | 53.0 | 3 |" in md
