@@ -181,7 +181,10 @@ def _evaluate_batch(
         if family == "sweep":
             continue
         cascade = [e for e in entries if e.worst_only]
-        _, worst = run_cascade(cascade, run_one, alive)
+        survivors = alive.nonzero().squeeze(1).cpu()
+        _, still = run_cascade(cascade, lambda e, sub: run_one(e, survivors[sub]), len(survivors))
+        worst = torch.zeros_like(alive)
+        worst[survivors.to(alive.device)] = still.to(alive.device)
         outcome[f"worst_{family}"] = worst
     return outcome, results
 

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,12 +303,15 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower():
+        text = str(err)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
             raise ModelLoadError(
-                f"{path}: refused: it holds Python objects besides tensors, and mmcoa never unpickles "
-                "those (weights_only); save a plain state dict or a .safetensors file"
+                f"{path}: refused: it holds a Python object ({found.group(1)}) besides tensors, and mmcoa never "
+                "unpickles those (weights_only loading); save a plain state dict or a .safetensors file"
             ) from None
-        raise ModelLoadError(f"{path}: not a readable {kind} weights file (truncated or corrupt?): {_first_line(err)}") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip() or text
+        raise ModelLoadError(f"{path}: not a readable {kind} weights file (truncated or corrupt?): {detail.splitlines()[0]}") from None
     except Exception as err:
         raise ModelLoadError(f"{path}: not a readable {kind} weights file (truncated or corrupt?): {_first_line(err)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -378,7 +382,7 @@ def _build(ref: ModelRef, device: str | torch.device, load_weights: bool) -> Cli
         raise ModelLoadError(f"{ref}: open_clip cannot build its architecture: {_first_line(err)}") from None
     if load_weights and src.weights is not None:
         path = src.weights()
-        openai = _load_weights(clip, path, f"{ref} ({'QuickGELU, ' if quick_gelu else ''}config {src.build_name})")
+        openai = _load_weights(clip, path, src.build_name)
         if openai and not quick_gelu:
             hint = f" (use {ref.identifier}-quickgelu)" if _known_arch(f"{ref.identifier}-quickgelu") else ""
             log.warning("%s looks like OpenAI's weights, trained with QuickGELU, but %s uses GELU%s", path, ref.identifier, hint)

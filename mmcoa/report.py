@@ -19,7 +19,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from mmcoa.stats import holm, mean_interval, paired_test, spread, wilson_interval
+from mmcoa.stats import accuracy_interval, holm, mean_interval, paired_test, spread
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -84,6 +84,9 @@ class Evaluation:
     def threat(self, attack: str) -> dict | None:
         return self.result.get("threat_models", {}).get(attack)
 
+    def threat_models_names(self) -> list[str]:
+        return list(self.result.get("threat_models", {}))
+
     @property
     def families(self) -> dict[str, list[str]]:
         return self.result.get("families", {})
@@ -145,11 +148,14 @@ def _load_outcomes(ev: Evaluation, o: Any, where: str) -> None:
 
     if not isinstance(o, dict) or not isinstance(o.get("correct"), dict):
         raise bad("missing object 'correct'")
+    order = None
     if ev.task == "classification":
         idx = o.get("indices")
-        if not isinstance(idx, list) or len(idx) != ev.n:
+        if not isinstance(idx, list) or len(idx) != ev.n or not all(isinstance(i, int) for i in idx):
             raise bad(f"'indices' must list the {ev.n} evaluated samples")
-        ev.indices = [int(i) for i in idx]
+        # Sorted by sample index, so two evaluations pair up whatever order their workers wrote.
+        order = np.argsort(np.asarray(idx), kind="stable")
+        ev.indices = [idx[i] for i in order]
     for key, values in o["correct"].items():
         if ev.task == "classification":
             attack, column, n = key, "acc", ev.n
@@ -162,7 +168,7 @@ def _load_outcomes(ev: Evaluation, o: Any, where: str) -> None:
         stated = ev.acc(attack, column)
         if stated is not None and abs(stated - vec.mean()) > 0.5 / n:
             raise bad(f"correct.{key} gives {vec.mean():.4f} but result.json states {stated:.4f}")
-        ev.correct[key] = vec
+        ev.correct[key] = vec if order is None else vec[order]
 
 
 def _derive_worst(ev: Evaluation, where: str) -> None:
@@ -262,7 +268,7 @@ def _pct(v: float | None) -> str:
 def _cell(v: float | None, n: int) -> str:
     if v is None:
         return "n/a"
-    lo, hi = wilson_interval(round(v * n), n)
+    lo, hi = accuracy_interval(v, n)
     return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
@@ -270,22 +276,25 @@ def _p(p: float) -> str:
     return f"{p:.2g}"
 
 
-def budget(threat: dict | None) -> str:
-    """A one-line threat model: side, norm, eps, steps, word budget, candidate source."""
+def budget(threat: dict | None, side: str | None = None) -> str:
+    """A one-line threat model: attack, norm, eps, steps, word budget, candidate source.
+
+    ``side`` stands in for a description without one (the fine-tuning attacks of a model).
+    """
     if not threat:
         return "threat model not recorded"
     if threat.get("attack") == "none":
         return "no attack"
     if threat.get("side") == "both" and isinstance(threat.get("image"), dict) and isinstance(threat.get("text"), dict):
         return f"{threat.get('mode', threat.get('attack'))}: image [{budget(threat['image'])}] + text [{budget(threat['text'])}]"
-    parts = [str(threat.get("attack"))]
-    if threat.get("side") == "image":
+    parts = [str(threat["attack"])] if threat.get("attack") else []
+    if threat.get("side", side) == "image":
+        norm = threat.get("norm", "linf")
         if threat.get("eps_255") is not None:
-            parts.append(f"L-inf eps {threat['eps_255']:g}/255" if threat.get("norm", "linf") == "linf"
-                         else f"{threat.get('norm')} eps {threat['eps_255']:g}/255")
+            parts.append(f"{'L-inf' if norm == 'linf' else norm} eps {threat['eps_255']:g}/255")
         elif threat.get("eps") is not None:
-            parts.append(f"{'L2' if threat.get('norm') == 'l2' else threat.get('norm', '')} eps {threat['eps']}")
-        keys = ("steps", "iterations", "n_iter", "queries", "restarts", "n_targets", "step_255", "source")
+            parts.append(f"{'L2' if norm == 'l2' else norm} eps {threat['eps']:g}")
+        keys = ("steps", "iterations", "n_queries", "restarts", "n_targets", "step_255", "source")
     else:
         keys = ("word_budget", "char_budget", "candidates", "k", "cos_threshold")
     parts += [f"{key} {threat[key]}" for key in keys if threat.get(key) is not None]
@@ -399,6 +408,15 @@ def compare(col: Collection, attacks: tuple[str, ...] = HEADLINE) -> list[Compar
     return out
 
 
+def unpaired(col: Collection) -> list[str]:
+    """Pairs of evaluations on one dataset whose outcomes are not on the same samples (never compared)."""
+    out = []
+    for d in col.datasets():
+        evs = [e for e in col.evals if e.dataset == d and e.indices is not None]
+        out += [f"{label(a.model)} vs {label(b.model)} on {d}" for a, b in combinations(evs, 2) if a.indices != b.indices]
+    return out
+
+
 def finding(c: Comparison, holm_ok: bool | None = None) -> str:
     """One sentence with its evidence: direction, size, p, samples, threat model."""
     hi, lo = (c.a, c.b) if c.diff > 0 else (c.b, c.a)
@@ -409,12 +427,21 @@ def finding(c: Comparison, holm_ok: bool | None = None) -> str:
             f"({max(c.n01, c.n10)} vs {min(c.n01, c.n10)} discordant), threat model: {c.threat}{tail}")
 
 
+def _short(c: Comparison, holm_ok: bool) -> str:
+    """A finding inside its (scope, attack) group, whose heading names samples and threat model."""
+    hi, lo = (c.a, c.b) if c.diff > 0 else (c.b, c.a)
+    acc_hi, acc_lo = (c.acc_a, c.acc_b) if c.diff > 0 else (c.acc_b, c.acc_a)
+    tail = "" if holm_ok else " (not significant after Holm's correction)"
+    return (f"{label(hi)} > {label(lo)}: {100 * abs(c.diff):+.1f} points ({_pct(acc_hi)}% vs {_pct(acc_lo)}%), "
+            f"p = {_p(c.p)} ({max(c.n01, c.n10)} vs {min(c.n01, c.n10)} discordant){tail}")
+
+
 def no_difference(c: Comparison) -> str:
     return f"{label(c.a)} vs {label(c.b)} ({100 * c.diff:+.1f} points, p = {_p(c.p)})"
 
 
 def findings_markdown(comparisons: list[Comparison]) -> list[str]:
-    """Findings grouped by scope and attack; non-significant pairs summarised in one sentence each."""
+    """Findings grouped by scope and attack; non-significant pairs summarised in one sentence per group."""
     rejected = holm([c.p for c in comparisons])
     out = [f"Exact McNemar tests on the same samples, two-sided, at 5%; {len(comparisons)} comparisons, "
            f"{sum(c.significant for c in comparisons)} significant, {sum(rejected)} of them still significant "
@@ -424,9 +451,8 @@ def findings_markdown(comparisons: list[Comparison]) -> list[str]:
     for c, ok in zip(comparisons, rejected):
         groups.setdefault((c.scope, c.attack), []).append((c, ok))
     for (scope, attack), items in groups.items():
-        out.append(f"**{attack} on {scope}** ({items[0][0].n} samples; {items[0][0].threat}):")
-        out.append("")
-        out += [f"- {finding(c, ok)}" for c, ok in items if c.significant]
+        out += [f"**{attack} on {scope}** ({items[0][0].n} samples; threat model: {items[0][0].threat}):", ""]
+        out += [f"- {_short(c, ok)}" for c, ok in items if c.significant]
         same = [no_difference(c) for c, _ in items if not c.significant]
         if same:
             out.append(f"- Not distinguishable at this sample size (p >= 0.05): {'; '.join(same)}.")
@@ -438,23 +464,26 @@ def findings_markdown(comparisons: list[Comparison]) -> list[str]:
 
 
 def _same_image_budget(t: dict, trained: dict | None) -> bool:
-    if not trained or t.get("side") != "image":
+    if not trained or t.get("side") != "image" or t.get("norm", "linf") != trained.get("norm", "linf"):
         return False
-    eps = lambda d: (d.get("norm", "linf"), d.get("eps_255"), d.get("eps"))  # noqa: E731
-    return eps(t) == eps(trained) and (t.get("eps_255") is not None or t.get("eps") is not None)
+    for key in ("eps_255", "eps"):
+        if t.get(key) is not None and trained.get(key) is not None:
+            return t[key] == trained[key]
+    return False
 
 
 def _same_text_budget(t: dict, trained: dict | None) -> bool:
     if not trained or t.get("side") != "text":
         return False
-    keys = ("attack", "candidates", "k", "word_budget", "char_budget")
+    keys = ("candidates", "k", "word_budget", "char_budget") + (("attack",) if "attack" in trained else ())
     return all(t.get(k) == trained.get(k) for k in keys)
 
 
 def trained_status(threat: dict | None, trained_on: dict | None) -> str:
     """"trained-on" when the attack's budget is one the model was fine-tuned against, else "held out".
 
-    Image: same norm and eps. Text: same attack kind, candidate source, k and word/char budget.
+    Image: same norm and eps. Text: same candidate source, k and word/char budget (``trained_on`` holds
+    the fine-tuning attacks' params: ``image`` and ``text`` dicts, None for a side not trained against).
     Both sides: "trained-on" when both sides match, "image side"/"text side" when one does.
     """
     if not threat or not trained_on:
@@ -476,14 +505,15 @@ def training_markdown(col: Collection) -> list[str]:
         trained = next((e.result.get("trained_on") for e in col.evals if e.model == model and e.result.get("trained_on")), None)
         if not trained:
             continue
-        what = "; ".join(f"{side} [{budget(trained[side])}]" for side in ("image", "text") if trained.get(side)) or "no attack"
+        what = "; ".join(f"{side} [{budget(trained[side], side)}]" for side in ("image", "text") if trained.get(side)) or "no attack"
         cells = [trained_status(col.threat(a), trained) for a in attacks]
         rows.append(f"| {label(model)} | {trained.get('dataset', 'n/a')} | {what} | " + " | ".join(cells) + " |")
     if not rows:
         return []
     return ["## Threat models trained on vs held out", "",
             "An image attack is trained-on when its norm and eps equal the training attack's; a text attack "
-            "when its kind, candidate source, k and word budget do. Everything else is held out.", "",
+            "when its candidate source, k and word budget do; a multimodal attack when both sides do (or one "
+            "side, as marked). Everything else is held out.", "",
             "| defense | fine-tuned on | trained against | " + " | ".join(attacks) + " |",
             "|---|---|---|" + "---|" * len(attacks), *rows, ""]
 
@@ -507,6 +537,20 @@ def masking_flags(col: Collection) -> list[str]:
                                    f"black-box {b} ({e.threat(b)['attack']}) {_pct(e.acc(b))}% in the {family} family; "
                                    f"the gradient attack is weaker than a gradient-free one (possible gradient masking)")
         out += [f"{label(e.model)} on {e.dataset}: {flag}" for flag in e.result.get("gradient_masking_flags", [])]
+    return out
+
+
+def masking_markdown(col: Collection) -> list[str]:
+    """The flags, or which checks ran and passed (a check that could not run is said so)."""
+    flags = masking_flags(col)
+    if flags:
+        return [f"- {f}" for f in flags] + [""]
+    cls = [e for e in col.evals if e.task == "classification"]
+    black = sum(any((e.threat(a) or {}).get("attack") in BLACK_BOX for a in e.threat_models_names()) for e in cls)
+    sweeps = sum(bool(e.result.get("sweep")) for e in cls)
+    out = [f"No flag. White-box vs black-box (Square, transfer) in the same family: checked in {black} of {len(cls)} "
+           f"evaluations{'' if black else ' (no black-box attack in the suite)'}. Eps sweep (accuracy must not rise "
+           f"with eps and must reach chance): checked in {sweeps} of {len(cls)} evaluations.", ""]
     return out
 
 
@@ -602,17 +646,16 @@ def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] |
     out += retrieval_markdown(col)
     out += training_markdown(col)
     out += ["## Gradient-masking checks", ""]
-    flags = masking_flags(col)
-    out += [f"- {f}" for f in flags] if flags else [
-        "No flag: no white-box attack scores above a black-box one of its family, and every eps sweep falls "
-        "monotonically to chance."]
-    out.append("")
+    out += masking_markdown(col)
     if any(e.result.get("sweep") for e in col.evals) and "sweep" in figures:
         out += ["## Robust accuracy against eps", "", f"![eps sweep]({figures['sweep']})", ""]
     out += ["## Findings", ""]
     comparisons = compare(col)
     out += findings_markdown(comparisons) if comparisons else [
         "No paired per-sample outcomes were found, so no comparison is stated.", ""]
+    skipped = unpaired(col)
+    if skipped:
+        out += [f"Not compared (outcomes on different samples): {'; '.join(skipped)}.", ""]
     out += _prompts_markdown(col)
     examples = [(k, p) for k, p in figures.items() if k.startswith("examples:")]
     if examples:
@@ -756,9 +799,10 @@ def overview_columns(col: Collection) -> list[tuple[str, str, list[str]]]:
     attacks = ["clean"] + [worst_name(f) for f in col.families()]
     if not col.families():
         attacks = [a for a in HEADLINE if a in col.attacks()]
-    cols = [(f"{d}\n{a.removeprefix('worst_')}", a, [d]) for d in col.finetune for a in attacks]
+    name = lambda a: a.replace("worst_", "worst ")  # noqa: E731
+    cols = [(f"{d}\n{name(a)}", a, [d]) for d in col.finetune for a in attacks]
     if col.held_out:
-        cols += [(f"held-out avg\n{a.removeprefix('worst_')}", a, col.held_out) for a in attacks]
+        cols += [(f"held-out avg\n{name(a)}", a, col.held_out) for a in attacks]
     return cols
 
 
@@ -804,7 +848,7 @@ def save_accuracy_figure(col: Collection, dataset: str, path: str | Path) -> Non
     for i, e in enumerate(evs):
         xs = [j + i * width for j in range(len(attacks))]
         vals = [e.acc(a) or 0.0 for a in attacks]
-        ci = [wilson_interval(round(v * e.n), e.n) for v in vals]
+        ci = [accuracy_interval(v, e.n) for v in vals]
         err = [[100 * (v - lo) for v, (lo, _) in zip(vals, ci)], [100 * (hi - v) for v, (_, hi) in zip(vals, ci)]]
         ax.bar(xs, [100 * v for v in vals], width, yerr=err, capsize=2, label=label(e.model))
     ax.set_xticks([j + width * (len(evs) - 1) / 2 for j in range(len(attacks))], attacks, fontsize=8)
@@ -866,7 +910,8 @@ def save_examples_figure(examples: dict[str, Any], classnames: list[str], path: 
             if c >= len(ex["images"]):
                 continue
             img = ex["images"][c].clamp(0, 1)
-            ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+            pixels = (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).float().numpy()
+            ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
             ok = preds[c] == ex["label"][c]
             caption = classnames[preds[c]][:12] if ok else f"{classnames[preds[c]][:10]}\n(is {classnames[ex['label'][c]][:10]})"
             ax.set_title(caption, fontsize=7, color="green" if ok else "red")

@@ -43,6 +43,7 @@ from mmcoa.attacks import Attack
 from mmcoa.attacks.objectives import RetrievalImageObjective, RetrievalTextObjective
 from mmcoa.data.registry import DataError
 from mmcoa.data.retrieval import RetrievalDataset
+from mmcoa.data.transforms import check_resize, resize_batch
 from mmcoa.models import ClipModel
 
 KS = (1, 5, 10)
@@ -82,8 +83,9 @@ def retrieval_outcomes(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_
 class RetrievalTask:
     """One gallery (images streamed, captions in memory) and the model it is scored with.
 
-    ``size`` / ``interpolation``: images are resized at load time (shortest side, then a centre
-    crop) when ``size`` is given; otherwise a batch must share one size.
+    ``size`` / ``interpolation`` / ``resize_mode``: images are resized at load time when ``size`` is
+    given (``mmcoa.data.transforms``; default: shortest side, then a centre crop, as CLIP does);
+    otherwise a batch must share one size.
     """
 
     def __init__(
@@ -93,15 +95,11 @@ class RetrievalTask:
         batch_size: int,
         size: int | None = None,
         interpolation: str = "bicubic",
+        resize_mode: str = "shortest",
         k: int = max(KS),
     ):
-        from torchvision.transforms.functional import InterpolationMode
-
-        try:
-            self.mode = InterpolationMode(interpolation.lower())
-        except ValueError:
-            choices = ", ".join(m.value for m in InterpolationMode)
-            raise DataError(f"unknown interpolation '{interpolation}'; use one of {choices}") from None
+        check_resize(interpolation, resize_mode)
+        self.interpolation, self.resize_mode = interpolation, resize_mode
         self.model, self.data, self.batch_size, self.size, self.k = model, data, batch_size, size, k
         self.caption_image = data.caption_image.to(model.device)
         self.on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
@@ -109,15 +107,15 @@ class RetrievalTask:
     # images ------------------------------------------------------------------------------------
 
     def _collate(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        from torchvision.transforms.functional import center_crop, resize
-
-        images = [img for img, _ in batch]
+        images, idx = [img for img, _ in batch], torch.tensor([i for _, i in batch], dtype=torch.long)
         if self.size is not None:
-            images = [center_crop(resize(img, self.size, interpolation=self.mode, antialias=True), [self.size, self.size]) for img in images]
+            return resize_batch(images, self.size, self.interpolation, self.resize_mode), idx
         shapes = sorted({tuple(img.shape) for img in images})
         if len(shapes) > 1:
-            raise DataError(f"{self.data.name}: images differ in size ({shapes[0]} vs {shapes[-1]}); pass a size to resize them at load time")
-        return torch.stack(images), torch.tensor([i for _, i in batch], dtype=torch.long)
+            raise DataError(
+                f"{self.data.name}: images differ in size ({shapes[0]} vs {shapes[-1]}); pass a size to resize them at load time"
+            )
+        return torch.stack(images), idx
 
     def batches(self):
         """(float images [B, C, H, W] in [0, 1], gallery indices [B]) in gallery order."""
@@ -253,17 +251,19 @@ def evaluate_retrieval(
     seed: int,
     size: int | None = None,
     interpolation: str = "bicubic",
+    resize_mode: str = "shortest",
     n_examples: int = 4,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> RetrievalResult:
     """R@1/5/10 in both directions, clean and under each ``(name, attack)`` of ``suite``.
 
+    ``size``, ``interpolation``, ``resize_mode``: load-time resizing (see :class:`RetrievalTask`).
     ``n_examples`` first gallery images (and each one's first caption) are kept per run in
     ``examples``. ``on_progress(run name, runs done, runs total)`` after each run.
     """
     chosen = gallery_indices(len(dataset), n_images, seed)
     gallery = dataset.subset(chosen)
-    task = RetrievalTask(model, gallery, batch_size, size, interpolation)
+    task = RetrievalTask(model, gallery, batch_size, size, interpolation, resize_mode)
     runs: list[tuple[str, Attack | None]] = [("clean", None), *suite]
     first_caption = [int(j) for j in _first_captions(gallery.caption_image, min(n_examples, len(gallery)))]
 
@@ -295,7 +295,9 @@ def evaluate_retrieval(
         if on_progress is not None:
             on_progress(name, r + 1, len(runs))
 
-    metrics = {f"{dataset.name}.{name}.{key}": round(float(v.float().mean()), 6) for name, out in outcomes.items() for key, v in out.items()}
+    metrics = {
+        f"{dataset.name}.{name}.{key}": round(float(v.float().mean()), 6) for name, out in outcomes.items() for key, v in out.items()
+    }
     threat = {name: (a.threat_model() if a is not None else {"attack": "none"}) for name, a in runs}
     return RetrievalResult(metrics, outcomes, threat, len(gallery), gallery.n_captions, chosen, captions, examples)
 

@@ -1,6 +1,6 @@
 """The statistics behind every claim of the report: intervals, paired tests, spread across seeds.
 
-- :func:`wilson_interval`: 95% interval of one accuracy (Wilson score; it stays inside [0, 1] and
+- :func:`wilson_interval` / :func:`accuracy_interval`: 95% interval of one accuracy (Wilson score; it stays inside [0, 1] and
   behaves at 0% and 100%, where the normal interval collapses).
 - :func:`paired_test`: exact McNemar test of two models on the same samples (a two-sided binomial
   test on the discordant pairs), the right test when both accuracies come from the same images.

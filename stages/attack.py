@@ -66,9 +66,11 @@ def attack(
         raise StageError(str(err)) from None
     p = load(params, set_)
     device = setup_runtime(p)
+    # The model first: a wrong --model is reported as such even when --data is wrong too. Both errors
+    # (ModelLoadError, DataError) print one line and exit 2 (stages.cli.main).
+    clip = load_model(model, device)
     data = data or Path("data/eval") / p.data.dataset
     test_set, indices = open_subset(data, p.data.root, p.data.download, p.data.on_corrupt)
-    clip = load_model(model, device)
     templates = select_templates(test_set, p.zeroshot.prompts, p.zeroshot.templates)
     idx = torch.as_tensor(indices, dtype=torch.long)
     if n_samples and n_samples < len(idx):  # a stratified subset of the subset

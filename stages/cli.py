@@ -13,9 +13,10 @@ import typer
 
 from stages.attack import attack
 from stages.base import base
+from stages.datasets import datasets
 from stages.common import StageError, console
 from stages.evaluate import baseline, evaluate
-from stages.fetch import fetch
+from stages.fetch import fetch, fetch_eval
 from stages.finetune import finetune
 from stages.report import report
 from stages.seeds import seeds
@@ -29,8 +30,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for command in (fetch, base, baseline, finetune, evaluate, attack, report, seeds):
+for command in (fetch, base, baseline, finetune, evaluate, attack, report, seeds, datasets):
     app.command()(command)
+app.command("fetch-eval")(fetch_eval)
 
 
 @app.command("defenses")
@@ -52,11 +54,19 @@ def models_cmd() -> None:
 
 
 def main() -> None:
+    # A model or dataset that cannot be loaded is a user's error like a bad param: one line, exit 2.
+    from rich.markup import escape
+
+    from mmcoa.data import DataError
+    from mmcoa.models import ModelLoadError
+
     try:
         app()
-    except StageError as err:
-        console.print(f"[red]error[/]: {err}", highlight=False, soft_wrap=True)
-        sys.exit(err.code)
+    except (StageError, ModelLoadError, DataError) as err:
+        message = " ".join(str(err).split())  # one line, whatever the message
+        # escaped: paths and shapes may hold "[", which rich would read as markup
+        console.print(f"[red]error[/]: {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(getattr(err, "code", 2))
 
 
 if __name__ == "__main__":

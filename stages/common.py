@@ -50,11 +50,22 @@ def load(params_path: str | Path, overrides: list[str] | None = None) -> Params:
 def _check_registered(p: Params) -> None:
     """Names and nested params that only the registries can check (defenses, attacks, datasets)."""
     from mmcoa.attacks import AttackError, create_attack
-    from mmcoa.data import list_datasets
+    from mmcoa.data import is_dataset, list_datasets
+    from mmcoa.data.retrieval import is_retrieval_dataset, list_retrieval_datasets
     from mmcoa.defenses import list_defenses
 
-    if p.data.dataset not in list_datasets():
-        raise StageError(f"invalid params: data.dataset: unknown '{p.data.dataset}'; registered: {', '.join(list_datasets())}")
+    def known(where: str, name: str, retrieval_ok: bool) -> None:
+        if is_dataset(name) or (retrieval_ok and is_retrieval_dataset(name)):
+            return
+        names = list_datasets() + (list_retrieval_datasets() if retrieval_ok else [])
+        schemes = "folder:PATH, csv:PATH" + (", retrieval-json:PATH, retrieval-csv:PATH" if retrieval_ok else "")
+        raise StageError(f"invalid params: {where}: unknown dataset '{name}'; registered: {', '.join(names)} (or {schemes})")
+
+    known("data.dataset", p.data.dataset, False)
+    for i, name in enumerate(p.evaluate.datasets):
+        known(f"evaluate.datasets[{i}]", name, True)
+    for i, name in enumerate(p.base.pretrain.datasets if p.base.pretrain else []):
+        known(f"base.pretrain.datasets[{i}]", name, True)
     for i, m in enumerate(p.finetune.methods):
         if m not in list_defenses():
             raise StageError(f"invalid params: finetune.methods[{i}]: unknown defense '{m}'; registered: {', '.join(list_defenses())}")
@@ -66,6 +77,7 @@ def _check_registered(p: Params) -> None:
         except Exception as err:  # pydantic error text names the key
             raise StageError(f"invalid params: finetune.overrides.{m}: {str(err).splitlines()[0]}") from None
     specs = [(f"evaluate.suite[{i}]", s) for i, s in enumerate(p.evaluate.suite)]
+    specs += [(f"evaluate.retrieval_suite[{i}]", s) for i, s in enumerate(p.evaluate.retrieval_suite)]
     if p.evaluate.sweep is not None:
         specs.append(("evaluate.sweep", p.evaluate.sweep))
     for where, spec in specs:

@@ -16,6 +16,7 @@ from mmcoa.report import (
     flat_metrics,
     headline_metrics,
     load_evaluation,
+    overview_columns,
     render_markdown,
     render_summary,
     save_accuracy_figure,
@@ -81,9 +82,11 @@ def report(
         raise StageError(str(err)) from None
     # Everything that can fail on the inputs is computed before the first file is written.
     metrics, headline, sweeps, summary = flat_metrics(col), headline_metrics(col), sweep_rows(col), render_summary(col)
-    figures = {"overview": "figures/overview.png"}
+    figures = {}
     with atomic_dir(out / "figures") as tmp:
-        save_overview_figure(col, tmp / "overview.png")
+        if overview_columns(col):
+            save_overview_figure(col, tmp / "overview.png")
+            figures["overview"] = "figures/overview.png"
         if col.finetune:
             save_accuracy_figure(col, col.finetune[0], tmp / "accuracy.png")
             figures["accuracy"] = "figures/accuracy.png"

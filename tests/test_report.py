@@ -22,16 +22,19 @@ from mmcoa.report import (
     ReportError,
     Run,
     compare,
+    finding,
     headline_metrics,
     load_evaluation,
     masking_flags,
+    masking_markdown,
     seed_runs,
     seeds_markdown,
     splice_summary,
     trained_status,
 )
-from mmcoa.stats import holm, mean_interval, paired_test, spread, wilson_interval
+from mmcoa.stats import accuracy_interval, holm, mean_interval, paired_test, spread, wilson_interval
 from stages.cli import app
+from stages.common import StageError
 
 PGD = {"attack": "pgd", "side": "image", "family": "image", "norm": "linf", "eps_255": 4, "steps": 10}
 SQUARE = {"attack": "square", "side": "image", "family": "image", "norm": "linf", "eps_255": 4, "queries": 1000}
@@ -91,6 +94,7 @@ def load_all(evals: Path) -> Collection:
 def test_wilson_matches_scipy(k, n):
     ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
     assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    assert accuracy_interval(round(k / n, 6), n) == wilson_interval(k, n)
 
 
 def test_paired_test_is_exact_mcnemar():
@@ -139,9 +143,13 @@ def test_finding_only_when_mcnemar_rejects(tmp_path):
     for case, expect in (("sig", True), ("same", False)):
         assert run_report(tmp_path / case, tmp_path / f"out_{case}").exit_code == 0
         md = (tmp_path / f"out_{case}" / "report.md").read_text()
-        stated = "MMCoA > TeCoA under text on fm: +10.0 points" in md
-        assert stated is expect
-        assert ("Not distinguishable at this sample size (p >= 0.05): TeCoA vs MMCoA" in md.split("**text on fm**")[1]) is not expect
+        text_group = md.split("**text on fm**")[1].split("**")[0]
+        assert ("- MMCoA > TeCoA: +10.0 points (75.0% vs 65.0%), p = " in text_group) is expect
+        assert ("Not distinguishable at this sample size (p >= 0.05): TeCoA vs MMCoA" in text_group) is not expect
+        assert "> " not in md.split("**clean on fm**")[1].split("**")[0].replace("p >= ", "")
+    sentence = finding(sig)
+    assert sentence.startswith("MMCoA > TeCoA under text on fm: +10.0 points") and "400 samples" in sentence
+    assert "threat model: word, word_budget 1, candidates glove, k 10" in sentence
     summary = (tmp_path / "out_sig" / "summary.md").read_text()
     assert "text on fm (400 samples): MMCoA > TeCoA (+10.0 points" in summary
 
@@ -188,17 +196,22 @@ def test_masking_flag_when_white_box_beats_square(tmp_path):
     flags = masking_flags(load_all(tmp_path / "a"))
     assert len(flags) == 1 and "white-box image 50.0% is above black-box square (square) 40.0%" in flags[0]
     assert masking_flags(load_all(tmp_path / "b")) == []
+    assert "checked in 1 of 1 evaluations." in masking_markdown(load_all(tmp_path / "b"))[0]
 
 
 def test_trained_on_versus_held_out():
-    trained = {"dataset": "fm", "image": {**PGD, "steps": 3}, "text": WORD}
+    # As the fine-tuning params record them: budgets without attack or side names.
+    trained = {"method": "mmcoa", "dataset": "fm",
+               "image": {"norm": "linf", "eps_255": 4, "step_255": 2, "steps": 3, "random_start": True},
+               "text": {"word_budget": 1, "candidates": "glove", "k": 10, "cos_threshold": 0.5, "mlm_name": "bert"}}
     assert trained_status(PGD, trained) == "trained-on"
     assert trained_status({**PGD, "eps_255": 8}, trained) == "held out"
     assert trained_status(WORD, trained) == "trained-on"
     assert trained_status({**WORD, "k": 20}, trained) == "held out"
     assert trained_status(CHAR, trained) == "held out"
     assert trained_status(MM, trained) == "trained-on"
-    assert trained_status(MM, {"dataset": "fm", "image": PGD, "text": None}) == "image side"
+    assert trained_status(MM, {**trained, "text": None}) == "image side"
+    assert trained_status({**PGD, "norm": "l2", "eps_255": None, "eps": 0.5}, trained) == "held out"
     assert trained_status(PGD, None) == "held out"
 
 
@@ -209,13 +222,23 @@ def test_outputs_byte_identical_on_rerun(tmp_path):
     _two_models(tmp_path / "evals", 300, 260)
     write_eval(tmp_path / "evals", "base", "digits", {"clean": vec(50, 30), "image": vec(50, 10, 1)},
                sweep=[{"eps_255": 0, "acc": 0.6}, {"eps_255": 4, "acc": 0.2}])
+    # Example images as the evaluation stores them: texts in result.json, tensors in examples.safetensors.
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "evals" / "mmcoa" / "fm"
+    result = json.loads((folder / "result.json").read_text())
+    result["examples"] = {"clean": {"label": [1, 2], "clean_pred": [1, 0]},
+                          "image": {"label": [1, 2], "clean_pred": [1, 0], "adv_pred": [3, 2]}}
+    (folder / "result.json").write_text(json.dumps(result))
+    save_file({"clean": torch.rand(2, 1, 8, 8), "image": torch.rand(2, 1, 8, 8)}, str(folder / "examples.safetensors"))
     outs = []
     for name in ("one", "two"):
         assert run_report(tmp_path / "evals", tmp_path / name).exit_code == 0
         outs.append({p.relative_to(tmp_path / name): p.read_bytes() for p in sorted((tmp_path / name).rglob("*")) if p.is_file()})
     assert outs[0] == outs[1]
     assert {"report.md", "summary.md", "metrics.json", "headline.json", "sweep.json", "figures/overview.png",
-            "figures/accuracy.png", "figures/sweep.png"} <= {str(p) for p in outs[0]}
+            "figures/accuracy.png", "figures/sweep.png", "figures/examples_mmcoa_fm.png"} <= {str(p) for p in outs[0]}
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -224,17 +247,38 @@ def test_outputs_byte_identical_on_rerun(tmp_path):
     (lambda f: (f / "outcomes.json").write_text(json.dumps({"indices": [0, 1], "correct": {"clean": [1, 0]}})), "'indices' must list"),
     (lambda f: (f / "result.json").unlink(), "no <model>/<dataset>/result.json found"),
 ])
-def test_garbled_or_missing_results_exit_2_with_one_line(tmp_path, damage, message):
+def test_garbled_or_missing_results_are_one_line_errors(tmp_path, damage, message):
     folder = write_eval(tmp_path / "evals", "base", "fm", {"clean": vec(20, 10)}, role="finetune")
     damage(folder)
-    res = CliRunner().invoke(app, ["report", "--evals", str(tmp_path / "evals"), "--out", str(tmp_path / "out")])
-    assert res.exit_code != 0
-    proc = subprocess.run([sys.executable, "-m", "stages", "report", "--evals", str(tmp_path / "evals"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
-    assert proc.returncode == 2
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+    res = run_report(tmp_path / "evals", tmp_path / "out")
+    assert isinstance(res.exception, StageError) and res.exception.code == 2
+    assert message in str(res.exception) and "\n" not in str(res.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    from stages.cli import main
+
+    folder = write_eval(tmp_path / "evals", "base", "fm", {"clean": vec(20, 10)}, role="finetune")
+    (folder / "result.json").write_text("[1, 2")
+    monkeypatch.setattr(sys, "argv", ["mmcoa", "report", "--evals", str(tmp_path / "evals"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and "result.json: not valid JSON" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_outcomes_on_different_samples_are_not_compared(tmp_path):
+    _two_models(tmp_path, 300, 260)
+    path = tmp_path / "tecoa" / "fm" / "outcomes.json"
+    outcomes = json.loads(path.read_text())
+    outcomes["indices"] = [i + 1000 for i in outcomes["indices"]]
+    path.write_text(json.dumps(outcomes))
+    assert compare(load_all(tmp_path)) == []
+    assert run_report(tmp_path, tmp_path / "out").exit_code == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "Not compared (outcomes on different samples): TeCoA vs MMCoA on fm." in md and " > " not in md
 
 
 def test_worst_above_its_family_is_an_error(tmp_path):
@@ -267,12 +311,21 @@ def test_seed_runs_keep_only_seed_differences():
     assert f"| m.a | {100 * s.mean:.1f} | {100 * s.std:.2f} | 50.0 | 70.0 | 2 |" in md
 
 
+def test_seeds_needs_two_runs(tmp_path):
+    one = [{"rev": "abc", "name": "main", "error": None, "experiments": None, "data": {
+        "params": {"params.yaml": {"data": {"seed": 0}}}, "metrics": {"reports/headline.json": {"data": {"m.a": 0.5}}}}}]
+    (tmp_path / "exp.json").write_text(json.dumps(one))
+    res = CliRunner().invoke(app, ["seeds", "--input", str(tmp_path / "exp.json"), "--out", str(tmp_path / "s.md")])
+    assert isinstance(res.exception, StageError) and "1 run(s)" in str(res.exception) and "seed=$s" in str(res.exception)
+    assert not (tmp_path / "s.md").exists()
+
+
 STAGE_CMD = ("python3 -c \"import json,yaml;s=yaml.safe_load(open('params.yaml'))['seed'];"
              "json.dump({'m.heldout.clean':0.5+s/100},open('headline.json','w'))\"")
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_seeds_command_on_a_real_dvc_repo(tmp_path):
+def test_seeds_command_on_a_real_dvc_repo(tmp_path, monkeypatch):
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     dvc = [sys.executable, "-m", "dvc"]
@@ -291,9 +344,9 @@ def test_seeds_command_on_a_real_dvc_repo(tmp_path):
     sh("git", "commit", "-qm", "init")
     for s in (1, 3):
         sh(*dvc, "exp", "run", "-q", "-S", f"seed={s}")
-    proc = subprocess.run([sys.executable, "-m", "stages", "seeds", "--metrics", "headline.json", "--out", "seeds.md"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.chdir(tmp_path)  # the command reads `dvc exp show --json` of the current repository
+    res = CliRunner().invoke(app, ["seeds", "--metrics", "headline.json", "--out", "seeds.md"])
+    assert res.exit_code == 0, res.output
     md = (tmp_path / "seeds.md").read_text()
     s = spread([0.50, 0.51, 0.53])
     assert "3 runs that differ only by `seed` (0, " in md

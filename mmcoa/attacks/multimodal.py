@@ -37,11 +37,19 @@ class ZeroShotAttackResult:
 
 
 class ZeroShotTask:
-    """A batch of zero-shot classification under attack: classifier, class prompts, and the class
-    names a text attack must leave alone (``protected``)."""
+    """A batch of zero-shot classification under attack: classifier, class prompts, the class
+    names a text attack must leave alone (``protected``), and the class names in label order
+    (``classnames``; the typographic attack writes them into images)."""
 
-    def __init__(self, classifier: ZeroShotClassifier, prompts: list[str], protected: set[str] | None = None):
+    def __init__(
+        self,
+        classifier: ZeroShotClassifier,
+        prompts: list[str],
+        protected: set[str] | None = None,
+        classnames: list[str] | None = None,
+    ):
         self.classifier, self.prompts, self.protected = classifier, prompts, protected or set()
+        self.classnames = classnames
 
     def texts_for(self, labels: torch.Tensor) -> list[str]:
         return [self.prompts[i] for i in labels.tolist()]
@@ -63,7 +71,9 @@ class ZeroShotTask:
 
     def attack_image(self, attack, images, labels, texts=None, early_exit=True):
         true = None if texts is None else self.true_emb(texts)
-        objective = ZeroShotImageObjective(self.classifier, labels, true_emb=true)
+        objective = ZeroShotImageObjective(
+            self.classifier, labels, true_emb=true, prompts=self.prompts, classnames=self.classnames
+        )
         return attack.perturb(images, objective, early_exit=early_exit)
 
     def attack_text(self, attack, images, labels, texts=None):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmcoa.attacks.base import ObjectiveOutput
 from mmcoa.models import ClipModel
-from mmcoa.zeroshot import ZeroShotClassifier
+from mmcoa.zeroshot import ZeroShotClassifier, class_embeddings
 
 # --- losses on logits ------------------------------------------------------------------------
 
@@ -52,6 +52,9 @@ class ZeroShotImageObjective:
         targets: [B] target classes for ``dlr_targeted``.
         true_emb: [B, D] optional adversarial embedding of each sample's true-class prompt
             (Co-Attack: the image attack then moves away from the adversarial text).
+        prompts: [C] optional class prompts behind ``classifier`` (one template), so that the same
+            task can be rebuilt on another model (:meth:`on_model`, the transfer attack).
+        classnames: [C] optional class names (the typographic attack writes them into images).
     """
 
     def __init__(
@@ -61,12 +64,18 @@ class ZeroShotImageObjective:
         loss: str = "ce",
         targets: torch.Tensor | None = None,
         true_emb: torch.Tensor | None = None,
+        prompts: list[str] | None = None,
+        classnames: list[str] | None = None,
     ):
         if loss not in ("ce", "dlr", "dlr_targeted", "margin"):
             raise ValueError(f"unknown zero-shot loss '{loss}'")
         if loss == "dlr_targeted" and targets is None:
             raise ValueError("dlr_targeted needs targets")
+        for name, names in (("prompts", prompts), ("classnames", classnames)):
+            if names is not None and len(names) != classifier.num_classes:
+                raise ValueError(f"{len(names)} {name} for {classifier.num_classes} classes")
         self.classifier, self.labels, self.loss, self.targets, self.true_emb = classifier, labels, loss, targets, true_emb
+        self.prompts, self.classnames = prompts, classnames
 
     @property
     def num_classes(self) -> int:
@@ -77,7 +86,20 @@ class ZeroShotImageObjective:
         return self.classifier(images, true_emb, self.labels[index])
 
     def with_loss(self, loss: str, targets: torch.Tensor | None = None) -> ZeroShotImageObjective:
-        return ZeroShotImageObjective(self.classifier, self.labels, loss, targets, self.true_emb)
+        return ZeroShotImageObjective(
+            self.classifier, self.labels, loss, targets, self.true_emb, self.prompts, self.classnames
+        )
+
+    def on_model(self, model: ClipModel) -> ZeroShotImageObjective:
+        """The same task (labels, loss, class prompts) on another model: its own class embeddings."""
+        if self.prompts is None:
+            raise ValueError("this objective does not know its class prompts (pass prompts=...)")
+        if self.true_emb is not None:
+            raise ValueError("the true-class text embeddings belong to this objective's model; "
+                             "a transfer attack cannot reuse them (use mode='independent')")
+        class_emb = class_embeddings(model, self.prompts, ["{c}"])  # each prompt as it is
+        head = ZeroShotClassifier(model, class_emb, self.classifier.scale)
+        return ZeroShotImageObjective(head, self.labels, self.loss, self.targets, None, self.prompts, self.classnames)
 
     def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ObjectiveOutput:
         logits = self.logits(images, index).float()

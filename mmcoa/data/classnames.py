@@ -52,10 +52,15 @@ def field_templates(key: str | None, fallback: str) -> list[str]:
 
 
 def clean_name(raw: str) -> str:
-    """A folder or file's class name as words: ``001.ak47`` -> ``ak47``, ``golden_retriever`` -> ``golden retriever``."""
-    name = re.sub(r"^\d+\.", "", raw)  # Caltech-256's "NNN." prefix
-    name = re.sub(r"-101$", "", name)  # Caltech-256's classes shared with Caltech-101
-    return name.replace("_", " ").strip()
+    """A folder or file's class name as words: ``golden_retriever`` -> ``golden retriever``."""
+    return raw.replace("_", " ").strip()
+
+
+def caltech256_name(raw: str) -> str:
+    """Caltech-256's folder names: ``001.ak47`` -> ``ak47``, ``253.faces-easy-101`` -> ``faces easy``."""
+    name = re.sub(r"^\d+\.", "", raw)
+    name = re.sub(r"-101$", "", name)  # classes shared with Caltech-101 carry this suffix
+    return clean_name(name.replace("-", " "))
 
 
 @lru_cache(maxsize=1)

@@ -12,9 +12,10 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmcoa.data.base import CorruptImageError, DataError, ImageDataset
+from mmcoa.data.base import ImageDataset
+from mmcoa.data.errors import CorruptImageError, DataError
 from mmcoa.data.registry import ON_CORRUPT
-from mmcoa.data.transforms import check_resize, resize_image
+from mmcoa.data.transforms import check_resize, resize_batch
 
 
 @dataclass
@@ -29,8 +30,8 @@ class LoaderStats:
 class _Reader(Dataset):
     """Reads one sample in a worker: (uint8 image or None, label, index, where, error)."""
 
-    def __init__(self, dataset: ImageDataset, size: int | None, interpolation: str, resize_mode: str):
-        self.dataset, self.size, self.interpolation, self.resize_mode = dataset, size, interpolation, resize_mode
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -41,8 +42,6 @@ class _Reader(Dataset):
             img, label = self.dataset[i]
         except CorruptImageError as err:
             return None, -1, i, err.where, str(err)
-        if self.size is not None:
-            img = resize_image(img, self.size, self.interpolation, self.resize_mode)
         return img, int(label), i, None, None
 
 
@@ -60,19 +59,29 @@ class _Batch:
         return self
 
 
-def _collate(samples: list[tuple]) -> _Batch:
-    """Stack the readable samples of one batch as float [0, 1]; list the unreadable ones."""
-    ok = [s for s in samples if s[0] is not None]
-    bad = [(s[3], s[4]) for s in samples if s[0] is None]
-    labels = torch.tensor([s[1] for s in ok], dtype=torch.int64)
-    indices = torch.tensor([s[2] for s in ok], dtype=torch.int64)
-    if not ok:
-        return _Batch(None, labels, indices, bad)
-    shapes = [tuple(s[0].shape) for s in ok]
-    if len(set(shapes)) > 1:
-        odd = next(k for k, sh in enumerate(shapes) if sh != shapes[0])
-        return _Batch(None, labels, indices, bad, error=(odd, shapes[0], shapes[odd]))
-    return _Batch(torch.stack([s[0] for s in ok]).float().div_(255.0), labels, indices, bad)
+class _Collate:
+    """In the worker: resize the readable samples of one batch, stack them as float [0, 1], list the rest."""
+
+    def __init__(self, size: int | None, interpolation: str, resize_mode: str):
+        self.size, self.interpolation, self.resize_mode = size, interpolation, resize_mode
+
+    def __call__(self, samples: list[tuple]) -> _Batch:
+        ok = [s for s in samples if s[0] is not None]
+        bad = [(s[3], s[4]) for s in samples if s[0] is None]
+        labels = torch.tensor([s[1] for s in ok], dtype=torch.int64)
+        indices = torch.tensor([s[2] for s in ok], dtype=torch.int64)
+        if not ok:
+            return _Batch(None, labels, indices, bad)
+        shapes = [tuple(s[0].shape) if self.size is None else tuple(s[0].shape[:1]) for s in ok]
+        if len(set(shapes)) > 1:
+            odd = next(k for k, sh in enumerate(shapes) if sh != shapes[0])
+            return _Batch(None, labels, indices, bad, error=(odd, tuple(ok[0][0].shape), tuple(ok[odd][0].shape)))
+        images = [s[0] for s in ok]
+        if self.size is None:
+            stacked = torch.stack(images)
+        else:
+            stacked = resize_batch(images, self.size, self.interpolation, self.resize_mode)
+        return _Batch(stacked.float().div_(255.0), labels, indices, bad)
 
 
 class StreamLoader:
@@ -100,9 +109,12 @@ class StreamLoader:
                 self.stats.skipped_files.append(where)
             if batch.error is not None:
                 odd, first, other = batch.error
+                a, b = self.dataset.describe(int(batch.indices[odd])), self.dataset.describe(int(batch.indices[0]))
+                if other[0] != first[0]:
+                    raise DataError(f"{a}: {other[0]} channel(s), but {b} in the same batch has {first[0]}; a batch needs one colour mode")
                 raise DataError(
-                    f"{self.dataset.describe(int(batch.indices[odd]))}: image of size {other[-2]}x{other[-1]} in a batch of "
-                    f"{first[-2]}x{first[-1]} images; set a size (make_loader size=..., data.image_size) to resize them"
+                    f"{a}: image of size {other[-2]}x{other[-1]}, but {b} in the same batch is {first[-2]}x{first[-1]}; "
+                    "set a size to resize them (make_loader size=..., or data.resolution: model)"
                 )
             if batch.images is None:
                 continue
@@ -135,10 +147,10 @@ def make_loader(
     if on_corrupt not in ON_CORRUPT:
         raise DataError(f"on_corrupt: '{on_corrupt}' is not one of {', '.join(ON_CORRUPT)}")
     loader = DataLoader(
-        _Reader(dataset, size, interpolation, resize_mode),
+        _Reader(dataset),
         batch_sampler=batches,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_Collate(size, interpolation, resize_mode),
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -58,7 +58,7 @@ def _stack(images: list[torch.Tensor], size: int | None, where: str) -> torch.Te
     if size is not None:
         images = [resize_image(img, size, "bilinear") for img in images]  # as prepare always has
     if len({tuple(i.shape) for i in images}) > 1:
-        raise DataError(f"{where}: images differ in size; set data.image_size to resize them")
+        raise DataError(f"{where}: images differ in size; set an image_size to resize them")
     return torch.stack(images) if images else torch.zeros(0, 3, size or 1, size or 1, dtype=torch.uint8)
 
 

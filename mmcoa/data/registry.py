@@ -131,7 +131,7 @@ def open_dataset(
     if split not in spec.splits:
         raise DataError(f"{name}: no split '{split}'; splits: {', '.join(spec.splits)}")
     root = Path(root).expanduser() if root else default_root()
-    if not download and not spec.present(root):
+    if not spec.present(root) and not (download and spec.downloadable):
         raise DataError(f"{name}: not found in {spec.folder(root)}; {spec.obtain}")
     ds = spec.open(root, split, download)
     ds.on_corrupt = on_corrupt

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from mmcoa.data.registry import DataError
+from mmcoa.data.registry import DataError, default_root
 
 
 def read_image_file(path: Path) -> torch.Tensor:
@@ -63,6 +62,7 @@ class RetrievalDataset(Dataset):
         protected: label-carrying words a text attack must not edit (class names, positions, counts;
             empty for free-form captions).
         read: reference -> uint8 [C, H, W].
+        split: the split it holds (recorded in manifests).
 
     ``dataset[i] -> (uint8 [C, H, W], i)``. Every image has at least one caption and no caption is
     empty (checked here, so every reader and :meth:`subset` keeps it true).
@@ -76,8 +76,9 @@ class RetrievalDataset(Dataset):
         caption_image: torch.Tensor | Sequence[int],
         protected: set[str] | frozenset[str] = frozenset(),
         read: Callable[[Any], torch.Tensor] = read_image_file,
+        split: str = "test",
     ):
-        self.name, self.images, self.captions = name, list(images), list(captions)
+        self.name, self.split, self.images, self.captions = name, split, list(images), list(captions)
         self.caption_image = torch.as_tensor(caption_image, dtype=torch.long).reshape(-1)
         self.protected, self.read = set(protected), read
         if len(self.caption_image) != len(self.captions):
@@ -102,6 +103,10 @@ class RetrievalDataset(Dataset):
     def n_captions(self) -> int:
         return len(self.captions)
 
+    def describe(self, i: int) -> str:
+        """Where image ``i`` comes from (for messages)."""
+        return f"{self.name}[{i}] ({self.images[i]})"
+
     def subset(self, image_indices: Sequence[int] | torch.Tensor) -> RetrievalDataset:
         """The gallery restricted to ``image_indices`` (in that order) with all their captions."""
         keep = torch.as_tensor(image_indices, dtype=torch.long).reshape(-1)
@@ -118,6 +123,7 @@ class RetrievalDataset(Dataset):
             mapped[order],
             self.protected,
             self.read,
+            self.split,
         )
 
 
@@ -143,7 +149,11 @@ def _resolve(entry: Entry, image_dirs: Sequence[Path]) -> Path:
 
 
 def from_entries(
-    name: str, entries: list[Entry], image_dirs: Sequence[Path], protected: set[str] | frozenset[str] = frozenset()
+    name: str,
+    entries: list[Entry],
+    image_dirs: Sequence[Path],
+    split: str = "test",
+    protected: set[str] | frozenset[str] = frozenset(),
 ) -> RetrievalDataset:
     """Merge entries by image (first appearance order), check them, and build the dataset."""
     by_image: dict[str, list[str]] = {}
@@ -163,7 +173,7 @@ def from_entries(
         images.append(paths[key])
         captions.extend(caps)
         owner.extend([i] * len(caps))
-    return RetrievalDataset(name, images, captions, owner, protected)
+    return RetrievalDataset(name, images, captions, owner, protected, split=split)
 
 
 def _load_json(path: Path) -> Any:
@@ -205,8 +215,9 @@ def coco_entries(data: dict, split: str, source: str) -> list[Entry]:
             raise DataError(f"{source}: images[{i}] needs 'id' and 'file_name'")
         by_id[img["id"]] = Entry(f"{source}: images[{i}]", img["file_name"], [])
     for i, ann in enumerate(data.get("annotations") or []):
-        if not isinstance(ann, dict) or ann.get("image_id") not in by_id:
-            raise DataError(f"{source}: annotations[{i}] names no listed image (image_id {ann.get('image_id') if isinstance(ann, dict) else None})")
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if image_id not in by_id:
+            raise DataError(f"{source}: annotations[{i}] names no listed image (image_id {image_id}); fix its image_id")
         caption = ann.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"{source}: annotations[{i}] has an empty caption; remove it or give it text")
@@ -279,7 +290,7 @@ def read_retrieval_json(path: str | Path, split: str = "test", root: str | Path 
             "a COCO {'images', 'annotations'} or an ALBEF [{'image', 'caption'}] file"
         )
     base = Path(root).expanduser() if root else path.parent
-    return from_entries(_dataset_name("json", path), reader(data, split, str(path)), _image_dirs(base))
+    return from_entries(_dataset_name("json", path), reader(data, split, str(path)), _image_dirs(base), split)
 
 
 def read_retrieval_csv(path: str | Path, split: str = "test", root: str | Path | None = None) -> RetrievalDataset:
@@ -288,7 +299,7 @@ def read_retrieval_csv(path: str | Path, split: str = "test", root: str | Path |
     if not path.is_file():
         raise DataError(f"{path}: no such file; give the path of an image,caption CSV")
     base = Path(root).expanduser() if root else path.parent
-    return from_entries(_dataset_name("csv", path), csv_entries(path), _image_dirs(base))
+    return from_entries(_dataset_name("csv", path), csv_entries(path), _image_dirs(base), split)
 
 
 # --- registry ----------------------------------------------------------------------------------
@@ -344,11 +355,6 @@ def open_retrieval(name: str, split: str = "test", root: str | Path | None = Non
     return _REGISTRY[ident](split, Path(root).expanduser() if root else None)
 
 
-def default_root() -> Path:
-    """Where datasets live unless a root is given (MMCOA_DATA, else ~/.cache/mmcoa)."""
-    return Path(os.environ.get("MMCOA_DATA", "~/.cache/mmcoa")).expanduser()
-
-
 def _karpathy_opener(name: str, json_name: str, images_hint: str):
     def opener(split: str, root: Path | None) -> RetrievalDataset:
         folder = root or default_root() / name
@@ -359,13 +365,15 @@ def _karpathy_opener(name: str, json_name: str, images_hint: str):
                 f"Karpathy's NeuralTalk splits) and {images_hint} in {folder}, or pass that folder as root"
             )
         entries = karpathy_entries(_load_json(path), split, str(path))
-        return from_entries(name, entries, _image_dirs(folder))
+        return from_entries(name, entries, _image_dirs(folder), split)
 
     return opener
 
 
 register_retrieval("flickr30k")(
-    _karpathy_opener("flickr30k", "dataset_flickr30k.json", "the Flickr30k images (flickr30k-images/, on request from the dataset's authors)")
+    _karpathy_opener(
+        "flickr30k", "dataset_flickr30k.json", "the Flickr30k images (flickr30k-images/, on request from the dataset's authors)"
+    )
 )
 register_retrieval("mscoco")(
     _karpathy_opener("mscoco", "dataset_coco.json", "the COCO 2014 images (val2014/ and train2014/ from images.cocodataset.org)")

@@ -16,8 +16,10 @@ from typing import Callable
 
 import numpy as np
 
-from mmcoa.data.base import ArrayDataset, CorruptImageError, DataError, DECODE_ERRORS, FileDataset, ImageDataset, Subset, pil_to_uint8, seeded_split
-from mmcoa.data.classnames import clean_name, field_classnames, field_templates, imagenet_names, paper_template
+from mmcoa.data.base import ArrayDataset, FileDataset, ImageDataset, Subset, seeded_split
+from mmcoa.data.classnames import caltech256_name, clean_name, field_classnames, field_templates, imagenet_names, paper_template
+from mmcoa.data.decode import DECODE_ERRORS, pil_to_uint8
+from mmcoa.data.errors import CorruptImageError, DataError
 from mmcoa.data.local import class_folders, scan_image_folder
 from mmcoa.data.registry import DatasetSpec, register_dataset
 
@@ -208,8 +210,10 @@ def _build(name: str, tv: Torchvision, root: Path, split: str, download: bool) -
 
 
 def _obtain(tv: Torchvision, downloadable: bool) -> str:
-    where = f"torchvision's {tv.cls} layout in <root>/{tv.folder}"
-    return tv.obtain or (f"set download: true (needs network), or put {where}" if downloadable else f"put {where}")
+    files = f"torchvision's {tv.cls} files there"
+    needs = f" (reading them needs `pip install {tv.needs}`)" if tv.needs else ""
+    how = f"set download: true (needs network), or put {files}" if downloadable else f"put {files}; its download is no longer served"
+    return tv.obtain or how + needs
 
 
 def register_torchvision(name: str, tv: Torchvision, downloadable: bool = True) -> None:
@@ -222,7 +226,7 @@ def register_torchvision(name: str, tv: Torchvision, downloadable: bool = True) 
             name,
             lambda root, split, download: _build(name, tv, root, split, download),
             folder=lambda root: root / tv.folder,
-            obtain=tv.obtain.replace("<root>", "the data root"),
+            obtain=tv.obtain,
             num_classes=tv.num_classes,
             downloadable=downloadable,
             classnames=tuple(names[tv.drop_names :]) if names else None,
@@ -268,7 +272,8 @@ register_torchvision(
 )
 register_torchvision(
     "caltech256",
-    Torchvision("Caltech256", "caltech256", 257, NO_SPLIT, _labels_attr("y"), _caltech_files("256_ObjectCategories", ".jpg", 4), names_from=lambda ds: ds.categories),
+    Torchvision("Caltech256", "caltech256", 257, NO_SPLIT, _labels_attr("y"), _caltech_files("256_ObjectCategories", ".jpg", 4),
+                names_from=lambda ds: [caltech256_name(c) for c in ds.categories]),
 )
 
 

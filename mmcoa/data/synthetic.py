@@ -21,9 +21,11 @@ unedited. What it cannot show: anything about natural photographs or free-form c
 MSCOCO); its vocabulary is tiny and its captions are templated, so absolute recall numbers are not
 comparable to the field's.
 
-The ``train`` split composes Fashion-MNIST train images, ``test`` the test images;
-:func:`synthetic_pairs` draws any number of images (compositions cycle in a seeded order, items are
-drawn at random from their class), which training code uses as (image, caption) pairs.
+The ``train`` split composes Fashion-MNIST train images, ``test`` the test images. Registered, ``test``
+is the 210-image gallery and ``train`` shows each composition 20 times with other items (4,200
+images; images of one composition share their captions, so a contrastive loss should count them as
+positives, keyed by ``Scene.composition``). :func:`synthetic_pairs` draws any number of images
+(compositions cycle in a seeded order, items are drawn at random from their class).
 """
 
 from __future__ import annotations
@@ -50,26 +52,26 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "horizontal": (
         "photo of {a} left of {b}",
         "{B} pictured right of {a}",
-        "image: {na} on the left, {nb} on the right",
-        "{A} and {b}, shown left to right",
+        "image: {na} left, {nb} right",
+        "{A} and {b} shown left to right",
     ),
     "vertical": (
         "photo of {a} above {b}",
         "{B} pictured below {a}",
-        "image: {na} on top, {nb} at the bottom",
-        "{A} and {b}, shown top to bottom",
+        "image: {na} top, {nb} bottom",
+        "{A} and {b} shown top to bottom",
     ),
     "pair_horizontal": (
         "photo of two {pl} side by side",
         "two {pl} pictured left and right",
         "image: {a} beside another {na}",
-        "{A} and another {na}, shown left to right",
+        "two {pl}, shown left to right",
     ),
     "pair_vertical": (
         "photo of two {pl} one above the other",
         "two {pl} pictured top and bottom",
         "image: {a} stacked on another {na}",
-        "{A} and another {na}, shown top to bottom",
+        "two {pl}, shown top to bottom",
     ),
     "single": (
         "photo of a single {na}",
@@ -195,10 +197,15 @@ def synthetic_pairs(split: str, n_images: int = len(COMPOSITIONS), seed: int = 0
         caps = captions_for(comp)
         captions.extend(caps)
         owner.extend([i] * len(caps))
-    return RetrievalDataset("fmnist_pairs", scenes, captions, owner, protected_words(), read=render)
+    return RetrievalDataset("fmnist_pairs", scenes, captions, owner, protected_words(), read=render, split=split)
+
+
+# The registered train split shows each composition this many times (different items each time), for
+# pre-training variety; the test split shows each once, so every caption has one matching image.
+TRAIN_CYCLES = 20
 
 
 @register_retrieval("fmnist_pairs")
 def _open_fmnist_pairs(split: str, root: Path | None) -> RetrievalDataset:
-    """The whole gallery of a split: every composition once."""
-    return synthetic_pairs(split, len(COMPOSITIONS), seed=0, root=root)
+    cycles = TRAIN_CYCLES if split == "train" else 1
+    return synthetic_pairs(split, cycles * len(COMPOSITIONS), seed=0, root=root)

@@ -43,8 +43,8 @@ def _longest(img: torch.Tensor, size: int, interp) -> torch.Tensor:
     nh, nw = max(1, round(h * size / max(h, w))), max(1, round(w * size / max(h, w)))
     out = resize(img, [nh, nw], interpolation=interp, antialias=True)
     top, left = (size - nh) // 2, (size - nw) // 2
-    canvas = torch.zeros(img.shape[0], size, size, dtype=img.dtype)
-    canvas[:, top : top + nh, left : left + nw] = out
+    canvas = torch.zeros(*img.shape[:-2], size, size, dtype=img.dtype)
+    canvas[..., top : top + nh, left : left + nw] = out
     return canvas
 
 
@@ -59,8 +59,22 @@ def check_resize(interpolation: str, resize_mode: str) -> None:
 
 
 def resize_image(img: torch.Tensor, size: int, interpolation: str = "bicubic", resize_mode: str = "shortest") -> torch.Tensor:
-    """One uint8 image [C, H, W] to [C, size, size]; unchanged if it already is that size."""
+    """uint8 images [..., C, H, W] to [..., C, size, size]; unchanged if they already are that size."""
     if tuple(img.shape[-2:]) == (size, size):
         return img
-    check_resize(interpolation, resize_mode)
     return RESIZE_MODES[resize_mode](img, size, _mode(interpolation))
+
+
+def resize_batch(images: list[torch.Tensor], size: int, interpolation: str = "bicubic", resize_mode: str = "shortest") -> torch.Tensor:
+    """A list of uint8 [C, H, W] images of any sizes -> uint8 [B, C, size, size].
+
+    Images of one size are resized together in one call (a dataset of uniform images costs one
+    batched resize, not B small ones); the result is the same as resizing each alone.
+    """
+    out = torch.empty(len(images), images[0].shape[0], size, size, dtype=images[0].dtype)
+    groups: dict[tuple, list[int]] = {}
+    for k, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(k)
+    for members in groups.values():
+        out[members] = resize_image(torch.stack([images[k] for k in members]), size, interpolation, resize_mode)
+    return out
