@@ -76,7 +76,6 @@ class BaseParams(Strict):
 
     model: ModelParams = ModelParams()
     pretrain: PretrainParams | None = None
-    template: str | None = Field(None, description="Caption template for pre-training; None = the dataset's first")
 
 
 class ZeroShotParams(Strict):

@@ -360,17 +360,17 @@ class Comparison:
         return self.p < ALPHA
 
 
-def _paired_vectors(col: Collection, a: str, b: str, attack: str, datasets: list[str]):
+def _paired_vectors(col: Collection, a: str, b: str, key: str, datasets: list[str]):
     """Outcomes of two models concatenated over ``datasets``; None unless every set is paired sample by sample."""
     va, vb = [], []
     for d in datasets:
         ea, eb = col.get(a, d), col.get(b, d)
-        if ea is None or eb is None or attack not in ea.correct or attack not in eb.correct:
+        if ea is None or eb is None or key not in ea.correct or key not in eb.correct:
             return None
-        if ea.indices != eb.indices:
+        if ea.indices != eb.indices or len(ea.correct[key]) != len(eb.correct[key]):
             return None
-        va.append(ea.correct[attack])
-        vb.append(eb.correct[attack])
+        va.append(ea.correct[key])
+        vb.append(eb.correct[key])
     return np.concatenate(va), np.concatenate(vb)
 
 
@@ -392,19 +392,30 @@ def pairs(col: Collection) -> list[tuple[str, str]]:
     return out
 
 
+def _column_label(column: str) -> str:
+    return column.replace("i2t_r", "I->T R@").replace("t2i_r", "T->I R@")
+
+
 def compare(col: Collection, attacks: tuple[str, ...] = HEADLINE) -> list[Comparison]:
-    """Exact McNemar tests for every pair of models, headline attack and scope with paired outcomes."""
+    """Exact McNemar tests for every pair of models, headline attack and scope with paired outcomes.
+
+    Classification: per scope (fine-tuning set, pooled held-out sets). Retrieval: per dataset, on the
+    per-query R@1 outcomes in both directions.
+    """
+    tests = [(scope, ds, attack, attack, attack) for scope, ds in scopes(col) for attack in attacks]
+    tests += [(d, [d], f"{attack}.{c}", f"{attack} ({_column_label(c)})", attack)
+              for d in col.datasets("retrieval") for attack in attacks for c in ("i2t_r1", "t2i_r1")]
     out = []
-    for scope, datasets in scopes(col):
-        for attack in attacks:
-            for a, b in pairs(col):
-                vecs = _paired_vectors(col, a, b, attack, datasets)
-                if vecs is None:
-                    continue
-                va, vb = vecs
-                t = paired_test(va, vb)
-                out.append(Comparison(a, b, attack, scope, float(va.mean()), float(vb.mean()), t.diff, t.p,
-                                      len(va), t.n01, t.n10, budget(col.threat(attack))))
+    for scope, datasets, key, name, attack in tests:
+        for a, b in pairs(col):
+            vecs = _paired_vectors(col, a, b, key, datasets)
+            if vecs is None:
+                continue
+            va, vb = vecs
+            t = paired_test(va, vb)
+            threat = budget(col.get(a, datasets[0]).threat(attack))
+            out.append(Comparison(a, b, name, scope, float(va.mean()), float(vb.mean()), t.diff, t.p, len(va),
+                                  t.n01, t.n10, threat))
     return out
 
 

@@ -40,3 +40,14 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! 
     echo "       or set data.download: true in params.yaml to let torchvision download it." >&2
   fi
 fi
+
+# WordNet 3.0 (synonym candidates of the word attack): Debian's wordnet-base and wordnet-sense-index.
+if [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/wordnet/index.sense ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing wordnet-base wordnet-sense-index" >&2
+    (apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1) || (apt-get update -qq && apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null)
+  else
+    echo "setup: WordNet not found. Install the Debian packages wordnet-base and wordnet-sense-index" >&2
+    echo "       (needed only by the word attack's wordnet candidates)." >&2
+  fi
+fi

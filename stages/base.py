@@ -7,15 +7,16 @@ from pathlib import Path
 import typer
 
 from mmcoa.config import Params
-from mmcoa.data import load_prepared
+from mmcoa.data import DataError
+from mmcoa.data.mixture import pretraining_mixture
+from mmcoa.data.subset import subset_batches
 from mmcoa.defenses import DefenseContext, create_defense
 from mmcoa.models import ClipModel, create_model, parse_model_ref, save_model
 from mmcoa.train import TrainConfig, train
-from stages.common import PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
+from stages.common import loader_options, PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
 
 
 def base(
-    data: Path = typer.Option(Path("data/prepared"), help="Prepared dataset folder (from `mmcoa fetch`), for pre-training."),
     out: Path = typer.Option(Path("models/base"), help="Folder for the model (open_clip local-dir format)."),
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
@@ -34,7 +35,7 @@ def base(
             "as they are: remove base.pretrain, or give base.model an architecture without weights to pre-train"
         )
     model = create_model(ref, device=device)
-    history = pretrain(model, p, data) if p.base.pretrain is not None else []
+    history = pretrain(model, p) if p.base.pretrain is not None else []
     with atomic_dir(out) as tmp:
         save_model(model, tmp)
         write_json(tmp / "history.json", [{k: round(v, 6) for k, v in h.items()} for h in history])
@@ -47,23 +48,28 @@ def base(
     log(f"base: {ref} ({how}) -> {out}")
 
 
-def pretrain(model: ClipModel, p: Params, data_dir: Path) -> list[dict]:
-    """Contrastive pre-training from scratch with ``base.pretrain`` (the clean defense's loss), in place.
+def pretrain(model: ClipModel, p: Params) -> list[dict]:
+    """Contrastive pre-training from scratch on the ``base.pretrain`` mixture, in place.
 
-    Returns one log dict per step.
+    Each dataset of the mixture gives its captions (class prompts, or a retrieval set's own captions);
+    images are brought to the model's input size so that the datasets stack. Returns one log dict per step.
     """
     pre = p.base.pretrain
-    train_set = load_prepared(data_dir, "train")
-    template = p.base.template or train_set.templates[0]
-    ctx = DefenseContext(train_set.classnames, template, same_class_targets=pre.same_class_targets)
+    try:
+        mixture = pretraining_mixture(pre.datasets, pre.n_per_dataset, p.seed, p.data.root, p.data.download)
+    except DataError as err:
+        raise StageError(str(err)) from None
+    ctx = DefenseContext([], same_class_targets=pre.same_class_targets, caption_groups=mixture.groups)
     cfg = TrainConfig(
         steps=pre.steps, batch_size=pre.batch_size, lr=pre.lr, optimizer="adamw", weight_decay=pre.weight_decay,
         schedule="cosine", warmup_steps=pre.warmup_steps, seed=p.seed, checkpoint_every=10**9,
     )
+    options = {**loader_options(model, p), "size": model.image_size[0]}
     with progress() as bar:
         task = bar.add_task("pre-train", total=cfg.steps)
-        history = train(model, create_defense("clean", model, ctx), train_set, cfg,
-                        on_step=lambda s, logs: bar.update(task, completed=s))
+        history = train(model, create_defense("clean", model, ctx), mixture, cfg,
+                        on_step=lambda s, logs: bar.update(task, completed=s),
+                        batches=subset_batches(mixture, list(range(len(mixture))), **options))
     for prm in model.parameters():
         prm.requires_grad_(True)
     return history

@@ -189,6 +189,31 @@ def test_worst_case_heldout_average_and_headline(tmp_path):
     assert "base.coco.clean.i2t_r1" in metrics
 
 
+def write_retrieval(root: Path, model: str, i2t: list[int], t2i: list[int]) -> None:
+    """A retrieval evaluation under the text attack: per-image and per-caption R@1 outcomes."""
+    folder = root / model / "coco"
+    folder.mkdir(parents=True)
+    correct = {"text.i2t_r1": i2t, "text.t2i_r1": t2i}
+    (folder / "result.json").write_text(json.dumps({
+        "model": model, "dataset": "coco", "task": "retrieval", "role": "held_out", "n": len(i2t),
+        "n_captions": len(t2i), "metrics": {f"coco.{k}": float(np.mean(v)) for k, v in correct.items()},
+        "threat_models": {"text": WORD}}))
+    (folder / "outcomes.json").write_text(json.dumps({"correct": correct}))
+
+
+def test_retrieval_intervals_and_paired_tests(tmp_path):
+    write_retrieval(tmp_path, "base", [1] * 10 + [0] * 30, [1] * 50 + [0] * 150)
+    write_retrieval(tmp_path, "mmcoa", [1] * 12 + [0] * 28, [1] * 90 + [0] * 110)
+    t2i = [c for c in compare(load_all(tmp_path)) if c.attack == "text (T->I R@1)"][0]
+    assert (t2i.a, t2i.b, t2i.n, t2i.n10, t2i.n01) == ("mmcoa", "base", 200, 40, 0)
+    assert t2i.p == pytest.approx(binomtest(40, 40).pvalue)
+    assert run_report(tmp_path, tmp_path / "out").exit_code == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    lo, hi = wilson_interval(90, 200)
+    assert f"| MMCoA | text | 30.0 " in md and f"45.0 [{100 * lo:.1f}, {100 * hi:.1f}]" in md
+    assert "- MMCoA > base (no defense): +20.0 points (45.0% vs 25.0%)" in md.split("**text (T->I R@1) on coco**")[1]
+
+
 def test_masking_flag_when_white_box_beats_square(tmp_path):
     n = 100
     write_eval(tmp_path / "a", "base", "fm", {"clean": vec(n, 80), "image": vec(n, 50, 1), "square": vec(n, 40, 2)}, role="finetune")

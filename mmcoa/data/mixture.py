@@ -34,13 +34,19 @@ def classification_part(dataset, n: int, seed: int, templates: list[str] | None 
 
 
 def retrieval_part(dataset, n: int, seed: int) -> Part:
-    """``n`` items of a retrieval set (a ``RetrievalDataset``); each image's captions are its group."""
+    """``n`` items of a retrieval set (a ``RetrievalDataset``); an image's captions are its group.
+
+    Images with the very same captions share one group (they show the same thing), so a contrastive
+    loss with same-group positives does not push them apart.
+    """
     indices = _draw(len(dataset), n, seed)
-    owner = dataset.caption_image.tolist()
-    groups: list[list[str]] = [[] for _ in range(len(dataset))]
-    for caption, image in zip(dataset.captions, owner):
-        groups[image].append(caption)
-    return Part(dataset, indices, list(indices), groups)
+    per_image: list[list[str]] = [[] for _ in range(len(dataset))]
+    for caption, image in zip(dataset.captions, dataset.caption_image.tolist()):
+        per_image[image].append(caption)
+    group_ids: dict[tuple[str, ...], int] = {}
+    group_of_image = [group_ids.setdefault(tuple(c), len(group_ids)) for c in per_image]
+    groups = [list(c) for c in group_ids]
+    return Part(dataset, indices, [group_of_image[i] for i in indices], groups)
 
 
 def _draw(size: int, n: int, seed: int) -> list[int]:
