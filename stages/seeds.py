@@ -50,8 +50,9 @@ def parse_exp_show(rows: list[dict], params_file: str, metrics_file: str) -> lis
         if commit.get("rev") == "workspace":
             continue
         for entry in [commit] + [exp["revs"][0] for exp in commit.get("experiments") or [] if exp.get("revs")]:
-            if entry.get("error") is None and (run := _run(entry, params_file, metrics_file)) is not None:
-                runs.append(run)
+            run = _run(entry, params_file, metrics_file)
+            if run is not None:  # a failed experiment keeps its params and has no metrics: noted, not used
+                runs.append(run if entry.get("error") is None else Run(run.name, run.params, {}))
     return runs
 
 

@@ -48,3 +48,68 @@ def test_pgd_restarts_keep_what_later_restarts_find(early_exit):
     first = hand_count(x, eps, 1, seed=0)
     assert int(expected.sum()) - int(first.sum()) > int(first.sum())  # later restarts find most
     assert torch.equal(found, expected)
+
+
+# --- the cascade ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cascade_worst_case_equals_every_attack_on_every_sample(seed):
+    """Outcomes fixed per (attack, sample): the cascade must reach the same worst case, per sample,
+    while attacking only the survivors."""
+    gen = torch.Generator().manual_seed(seed)
+    n, n_attacks = 300, 5
+    table = torch.rand(n_attacks, n, generator=gen) > torch.rand(n_attacks, 1, generator=gen) * 0.6
+    asked: list[torch.Tensor] = []
+
+    def run_one(a: int, idx: torch.Tensor) -> torch.Tensor:
+        asked.append(idx)
+        return table[a, idx]
+
+    robust, worst = run_cascade(range(n_attacks), run_one, n)
+    assert torch.equal(worst, table.all(0))
+    for a in range(n_attacks):
+        assert torch.equal(robust[a], table[: a + 1].all(0))  # survived attack a and every earlier one
+    for a, idx in enumerate(asked):  # each attack saw exactly the samples still robust
+        expected = table[:a].all(0) if a else torch.ones(n, dtype=torch.bool)
+        assert torch.equal(idx, expected.nonzero().squeeze(1))
+    assert sum(len(i) for i in asked) < n * n_attacks
+
+
+def test_cascade_edge_cases():
+    assert run_cascade([], lambda a, i: i > 0, 4)[1].tolist() == [True] * 4
+    robust, worst = run_cascade(["all", "never"], lambda a, i: torch.zeros(len(i), dtype=torch.bool), 3)
+    assert not worst.any() and len(robust) == 2  # the second attack is never called (nobody left)
+    with pytest.raises(ValueError, match="flags"):
+        run_cascade(["x"], lambda a, i: torch.ones(1, dtype=torch.bool), 3)
+
+
+# --- the shared guards ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("pgd", dict(eps_255=0)), ("apgd_ce", dict(eps_255=0)), ("square", dict(eps_255=0)), ("pgd", dict(steps=0, random_start=False)),
+     ("typographic", dict(opacity=0.0))],
+)
+def test_template_guards_return_a_copy_without_calling_the_objective(name, params):
+    calls = []
+
+    def objective(images, index):
+        calls.append(len(index))
+        raise AssertionError("a zero budget must not query the objective")
+
+    x = torch.rand(5, 1, 4, 4)
+    adv = create_attack(name, **params).perturb(x, objective)
+    assert torch.equal(adv, x) and adv is not x and not calls
+    empty = create_attack("pgd", eps_255=4).perturb(x[:0], objective)
+    assert empty.shape == (0, 1, 4, 4) and not calls
+
+
+def test_template_checks_run_before_the_guards():
+    from mmcoa.attacks import AttackError
+
+    x = torch.rand(5, 1, 4, 4)
+    with pytest.raises(AttackError, match="logits"):  # apgd_t at eps 0 still says what it needs
+        create_attack("apgd_t", eps_255=0).perturb(x, lambda images, index: None)
+    assert create_attack("word", word_budget=0).perturb(["a photo of a cat."], None) == ["a photo of a cat."]

@@ -19,7 +19,7 @@ def test_repo_params_file_is_valid():
         ({"finetune": {"lr": "fast"}}, "finetune.lr"),
         ({"finetune": {"lrr": 1e-5}}, "finetune.lrr"),
         ({"finetune": {"image_attack": {"eps_255": -1}}}, "finetune.image_attack.eps_255"),
-        ({"data": {"n_test": 0}}, "data.n_test"),
+        ({"data": {"n_train": 0}}, "data.n_train"),
         ({"evaluate": {"suite": [{"name": "Bad Name", "attack": "pgd"}]}}, "evaluate.suite.0.name"),
         ({"bogus": 1}, "bogus"),
     ],

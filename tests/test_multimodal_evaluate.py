@@ -6,7 +6,15 @@ import torch
 from mmcoa.attacks import create_attack
 from mmcoa.attacks.multimodal import ZeroShotTask, run_zeroshot_attack
 from mmcoa.attacks.text import Words
-from mmcoa.evaluate import evaluate_suite, gradient_masking_flags
+from mmcoa.evaluate import (
+    evaluate_classification,
+    gradient_masking_flags,
+    image_features,
+    linear_probe_accuracy,
+    sample_indices,
+    suite_from_specs,
+)
+from mmcoa.train import in_memory_batches
 from mmcoa.zeroshot import build_prompts
 
 PGD = {"attack": "pgd", "params": {"eps_255": 4, "step_255": 1, "steps": 5}}
@@ -57,25 +65,60 @@ def test_co_attack_is_at_least_as_strong_as_independent(batch):
     assert accs["co_attack"] <= accs["independent"] + 0.02, accs
 
 
-def test_evaluate_suite_is_reproducible_and_order_free(trained_model, fmnist):
-    train, test = fmnist
-    suite = [("image", create_attack("pgd", eps_255=4, steps=3)), ("text", create_attack("word", word_budget=1, k=5))]
-    a = evaluate_suite(trained_model, test, suite, n_samples=120, batch_size=60, seed=3, n_examples=2, probe_train=train)
-    b = evaluate_suite(trained_model, test, suite[::-1], n_samples=120, batch_size=60, seed=3, n_examples=2)
+def _evaluate(model, test, suite, n, batch_size=60, seed=3, **kw):
+    idx = sample_indices(test.labels, n, seed)
+    return evaluate_classification(model, in_memory_batches(test), idx, test.classnames, test.templates[:1],
+                                   suite, "fashion_mnist", batch_size, seed, **kw)
+
+
+def test_evaluation_is_reproducible_and_order_free(trained_model, fmnist):
+    _, test = fmnist
+    suite = suite_from_specs([{"name": "image", **PGD}, {"name": "text", "attack": "word", "params": {"word_budget": 1, "k": 5}}])
+    a = _evaluate(trained_model, test, suite, 120, n_examples=2)
+    b = _evaluate(trained_model, test, suite[::-1], 120, n_examples=2)
     for key in ("fashion_mnist.clean.acc", "fashion_mnist.image.acc", "fashion_mnist.text.acc"):
         assert a.metrics[key] == b.metrics[key]
+    assert torch.equal(a.outcomes["image"], b.outcomes["image"]) and a.indices == b.indices
     assert a.metrics["fashion_mnist.image.acc"] < a.metrics["fashion_mnist.clean.acc"]
-    assert 0.5 < a.metrics["fashion_mnist.linear_probe.acc"] <= 1
     assert a.threat_models["image"]["eps_255"] == 4 and a.threat_models["text"]["word_budget"] == 1
     assert a.examples["text"]["prompts"][0]["clean"].startswith("a low resolution")
+    assert a.families == {"image": ["image"], "text": ["text"]}
+
+
+def test_worst_case_cascade_equals_every_attack_on_every_sample(trained_model, fmnist):
+    """The cascade's worst case is, per sample, the AND of every attack run on every sample."""
+    _, test = fmnist
+    specs = [
+        {"name": "image", **PGD},
+        {"name": "pgd_l2", "attack": "pgd", "params": {"norm": "l2", "eps": 0.5, "steps": 5}},
+        {"name": "apgd", "attack": "apgd_ce", "params": {"eps_255": 4, "steps": 10}},
+    ]
+    cascaded = [{**s, "worst_only": i > 0} for i, s in enumerate(specs)]
+    full = _evaluate(trained_model, test, suite_from_specs(specs), 100)
+    cas = _evaluate(trained_model, test, suite_from_specs(cascaded), 100)
+    every = full.outcomes["clean"] & full.outcomes["image"] & full.outcomes["pgd_l2"] & full.outcomes["apgd"]
+    assert torch.equal(cas.outcomes["worst_image"], every)
+    assert torch.equal(full.outcomes["worst_image"], every)
+    for name in ("clean", "image", "pgd_l2", "apgd"):  # never above any single column, per sample
+        assert not (full.outcomes["worst_image"] & ~full.outcomes[name]).any()
+    assert "pgd_l2" not in cas.outcomes and "fashion_mnist.apgd.acc" not in cas.metrics
 
 
 def test_eps_sweep_and_masking_flags(trained_model, fmnist):
     _, test = fmnist
-    res = evaluate_suite(trained_model, test, [], n_samples=100, batch_size=100, sweep=("pgd", {"steps": 5}, [2, 8, 64]))
+    res = _evaluate(trained_model, test, [], 100, batch_size=100, sweep=("pgd", {"steps": 5}, [2, 8, 64]))
     accs = [row["acc"] for row in res.sweep]
     assert accs == sorted(accs, reverse=True)
     assert gradient_masking_flags(res.sweep, 10, res.n) == []
     fake = [{"eps_255": 0, "acc": 0.8}, {"eps_255": 4, "acc": 0.5}, {"eps_255": 8, "acc": 0.6}, {"eps_255": 64, "acc": 0.4}]
     flags = gradient_masking_flags(fake, 10, 100)
     assert len(flags) == 2 and "rises" in flags[0] and "chance" in flags[1]
+
+
+def test_linear_probe_is_cross_validated_on_the_subset(trained_model, fmnist):
+    _, test = fmnist
+    idx = sample_indices(test.labels, 200, 0)
+    feats, labels = image_features(trained_model, in_memory_batches(test)([idx[i : i + 100].tolist() for i in (0, 100)]))
+    acc = linear_probe_accuracy(feats, labels)
+    shuffled = linear_probe_accuracy(feats, labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))])
+    assert acc > 0.6 and shuffled < 0.35, (acc, shuffled)

@@ -15,13 +15,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+PGD = {"attack": "pgd", "params": {"eps_255": 4, "steps": 3}}
+WORD = {"attack": "word", "params": {"word_budget": 1, "k": 3}}
+MM = {"attack": "multimodal", "params": {"mode": "co_attack", "image": PGD, "text": WORD}}
 TINY = {  # every group dvc.yaml lists must be present: DVC checks params by key
     "seed": 0,
     "device": "auto",
     "threads": 2,
     "zeroshot": {"templates": None},
-    "data": {"dataset": "fashion_mnist", "root": "data/raw", "n_train": 1000, "n_test": 100},
-    "base": {"model": {"arch": "mmcoa-test-micro"}, "pretrain": {"steps": 40, "batch_size": 128}},
+    "data": {"dataset": "fashion_mnist", "root": "data/raw", "n_train": 1000},
+    "base": {"model": {"arch": "mmcoa-test-micro"},
+             "pretrain": {"datasets": ["fashion_mnist", "digits"], "n_per_dataset": 1000, "steps": 40, "batch_size": 128}},
     "finetune": {
         "methods": ["tecoa", "mmcoa"],
         "steps": 2,
@@ -31,17 +35,19 @@ TINY = {  # every group dvc.yaml lists must be present: DVC checks params by key
         "text_attack": {"word_budget": 1, "k": 3},
     },
     "evaluate": {
+        "datasets": ["fashion_mnist", "digits", "fmnist_pairs"],
+        "models": {},
         "n_samples": 40,
+        "n_images": 12,
         "batch_size": 40,
         "n_examples": 3,
         "suite": [
-            {"name": "image", "attack": "pgd", "params": {"eps_255": 4, "steps": 3}},
-            {"name": "text", "attack": "word", "params": {"word_budget": 1, "k": 3}},
-            {"name": "multimodal", "attack": "multimodal", "params": {
-                "mode": "co_attack",
-                "image": {"attack": "pgd", "params": {"eps_255": 4, "steps": 3}},
-                "text": {"attack": "word", "params": {"word_budget": 1, "k": 3}}}},
+            {"name": "image", **PGD},
+            {"name": "text", **WORD},
+            {"name": "multimodal", **MM},
+            {"name": "apgd", "attack": "apgd_ce", "params": {"eps_255": 4, "steps": 5}, "worst_only": True},
         ],
+        "retrieval_suite": [{"name": "image", **PGD}, {"name": "text", **WORD}, {"name": "multimodal", **MM}],
         "sweep": {"name": "sweep", "attack": "pgd", "params": {"steps": 2}},
         "sweep_eps_255": [2, 64],
     },
@@ -79,10 +85,17 @@ def test_tiny_dvc_repro_produces_the_metric_contract(tmp_path):
     run(["dvc", "repro"], repo)
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     for model in ("base", "tecoa", "mmcoa"):
+        for dataset in ("fashion_mnist", "digits"):
+            for attack in ("clean", "image", "text", "multimodal", "worst_image", "worst_text", "worst_multimodal"):
+                key = f"{model}.{dataset}.{attack}.acc"
+                assert key in metrics, key
+                assert 0.0 <= metrics[key] <= 1.0
         for attack in ("clean", "image", "text", "multimodal"):
-            key = f"{model}.fashion_mnist.{attack}.acc"
-            assert key in metrics, key
-            assert 0.0 <= metrics[key] <= 1.0
+            for direction in ("i2t", "t2i"):
+                for k in (1, 5, 10):
+                    assert f"{model}.fmnist_pairs.{attack}.{direction}_r{k}" in metrics
+        outcomes = json.loads((repo / "evals" / model / "digits" / "outcomes.json").read_text())
+        assert len(outcomes["correct"]["worst_image"]) == 40
     assert (repo / "reports" / "report.md").read_text().startswith("# Robustness report")
     assert (repo / "reports" / "figures" / "sweep.png").stat().st_size > 1000
     # Nothing left to do, and a second repro runs nothing.
@@ -102,7 +115,8 @@ def test_bad_params_exit_2_and_write_nothing(tmp_path):
     cases = {
         "unknown key": ({"finetune": {"lrr": 1}}, "finetune.lrr"),
         "wrong type": ({"finetune": {"steps": "many"}}, "finetune.steps"),
-        "out of range": ({"data": {"n_test": -5}}, "data.n_test"),
+        "out of range": ({"data": {"n_train": -5}}, "data.n_train"),
+        "unknown dataset": ({"evaluate": {"datasets": ["fashion_mnist", "imagenett"]}}, "evaluate.datasets[1]"),
         "unknown attack param": ({"evaluate": {"suite": [{"name": "image", "attack": "pgd", "params": {"epz": 1}}]}}, "epz"),
         "unknown defense": ({"finetune": {"methods": ["nope"]}}, "finetune.methods"),
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def load_wordnet():
     data_root = str(root.parent.parent)
     if data_root not in nltk.data.path:
         nltk.data.path.append(data_root)
-    return WordNetCorpusReader(str(root), None)
+    with warnings.catch_warnings():  # "multilingual functions are not available": no OMW, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        return WordNetCorpusReader(str(root), None)
 
 
 def synonyms(word: str) -> list[str]:
