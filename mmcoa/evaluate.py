@@ -6,7 +6,9 @@ paired tests without rerunning an attack. Samples stream through a DataLoader ba
 split is ever held whole); within a batch every attack runs, each seeded from (seed, attack, batch),
 so a rerun reproduces every number. The worst case of a family is a cascade: attacks marked
 ``worst_only`` run only on the samples that every earlier attack of the family left correct
-(AutoAttack's protocol). With torchrun, samples are sharded across ranks and the outcomes gathered.
+(AutoAttack's protocol): for a deterministic attack the worst case is then identical per sample to
+running every attack on every sample; an attack with random starts draws them for the samples it is
+given, so its draws (not their distribution) differ. With torchrun, samples are sharded across ranks and the outcomes gathered.
 """
 
 from __future__ import annotations

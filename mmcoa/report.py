@@ -284,7 +284,7 @@ def budget(threat: dict | None, side: str | None = None) -> str:
     if not threat:
         return "threat model not recorded"
     if threat.get("attack") == "none":
-        return "no attack"
+        return f"no attack ({threat['probe']})" if threat.get("probe") else "no attack"
     if threat.get("side") == "both" and isinstance(threat.get("image"), dict) and isinstance(threat.get("text"), dict):
         return f"{threat.get('mode', threat.get('attack'))}: image [{budget(threat['image'])}] + text [{budget(threat['text'])}]"
     parts = [str(threat["attack"])] if threat.get("attack") else []
@@ -650,9 +650,10 @@ def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] |
     if col.families():
         out += ["## Worst case per attack family", "",
                 "A sample counts as correct only if it survives every attack of the family, so the worst case "
-                "is never above any single attack.", ""]
+                "is never above any single attack. An attack marked (cascade) runs only on the samples that every "
+                "earlier attack of its family left correct, so it has no column of its own.", ""]
         for family in col.families():
-            members = ", ".join(col.family_attacks(family))
+            members = ", ".join(f"{a} (cascade)" if (col.threat(a) or {}).get("worst_only") else a for a in col.family_attacks(family))
             out += [f"### {family} (worst over {members})", "", *accuracy_table(col, worst_name(family)), ""]
     out += retrieval_markdown(col)
     out += training_markdown(col)
@@ -706,29 +707,29 @@ def render_summary(col: Collection, reference: str = "mmcoa") -> str:
                f"zero-shot sets ({', '.join(col.held_out) or 'none'}); worst_<family> counts a sample as correct only "
                "if it survives every attack of the family.")
     out += ["", "Threat models: " + "; ".join(f"{a}: {budget(col.threat(a))}" for a in HEADLINE[1:] if col.threat(a)) + ".", ""]
-    comps = [c for c in compare(col) if reference in (c.a, c.b)]
-    if comps:
-        out += [f"Findings for {label(reference)} (exact McNemar test on the same samples, p < 0.05; "
-                "others not distinguishable at this sample size):", ""]
-        groups: dict[tuple[str, str], list[Comparison]] = {}
-        for c in comps:
-            groups.setdefault((c.scope, c.attack), []).append(c)
-        for (scope, attack), cs in groups.items():
-            parts = []
-            for c in cs:
-                other = c.b if c.a == reference else c.a
-                d = c.diff if c.a == reference else -c.diff
-                if c.significant:
-                    parts.append(f"{'>' if d > 0 else '<'} {label(other)} ({100 * d:+.1f} points, p = {_p(c.p)})")
-            same = [label(c.b if c.a == reference else c.a) for c in cs if not c.significant]
-            text = "; ".join(parts) if parts else "no significant difference"
-            if same and parts:
-                text += f"; not distinguishable from {', '.join(same)}"
-            elif same:
-                text = f"not distinguishable from {', '.join(same)}"
-            out.append(f"- {attack} on {scope} ({cs[0].n} samples): {label(reference)} {text}.")
-        out.append("")
+    out += reference_findings(col, reference)
     return "\n".join(out)
+
+
+def reference_findings(col: Collection, reference: str) -> list[str]:
+    """One line per (scope, attack): where ``reference`` is significantly above or below each other model."""
+    groups: dict[tuple[str, str], list[Comparison]] = {}
+    for c in compare(col):
+        if reference in (c.a, c.b):
+            groups.setdefault((c.scope, c.attack), []).append(c)
+    if not groups:
+        return []
+    out = [f"Findings for {label(reference)} (exact McNemar test on the same samples, p < 0.05):", ""]
+    for (scope, attack), cs in groups.items():
+        parts = []
+        for c in (c for c in cs if c.significant):
+            other, d = (c.b, c.diff) if c.a == reference else (c.a, -c.diff)
+            parts.append(f"{'>' if d > 0 else '<'} {label(other)} ({100 * d:+.1f} points, p = {_p(c.p)})")
+        same = [label(c.b if c.a == reference else c.a) for c in cs if not c.significant]
+        if same:
+            parts.append(f"not distinguishable from {', '.join(same)} at this sample size")
+        out.append(f"- {attack} on {scope} ({cs[0].n} samples): {label(reference)} {'; '.join(parts)}.")
+    return out + [""]
 
 
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -784,7 +785,7 @@ def seed_runs(runs: list[Run], seed_key: str = "seed") -> tuple[list[Run], list[
 def seeds_markdown(runs: list[Run], notes: list[str], seed_key: str = "seed") -> str:
     """Mean, sample std, min and max across seeds of every metric all kept runs report."""
     keys = sorted(set.intersection(*(set(r.metrics) for r in runs))) if runs else []
-    seeds = ", ".join(str(r.params[seed_key]) for r in runs)
+    seeds = ", ".join(sorted((str(r.params[seed_key]) for r in runs), key=lambda v: (len(v), v)))
     out = ["# Spread across seeds", "",
            f"{len(runs)} runs that differ only by `{seed_key}` ({seeds or 'none'}). Accuracy (%); std is the sample "
            "standard deviation (n - 1).", "",

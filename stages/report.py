@@ -96,7 +96,9 @@ def report(
         for folder, e in loaded:
             if (folder / "examples.safetensors").is_file() and col.is_finetune(e.dataset):
                 images = load_file(str(folder / "examples.safetensors"))
-                examples = {k: {**v, "images": images[k]} for k, v in e.result.get("examples", {}).items() if k in images}
+                # Text-only attacks leave the image as it is: their rows would repeat the clean one.
+                examples = {k: {**v, "images": images[k]} for k, v in e.result.get("examples", {}).items()
+                            if k in images and (e.threat(k) or {}).get("side") != "text"}
                 name = f"examples_{e.model}_{e.dataset}.png"
                 if save_examples_figure(examples, e.result.get("classnames", []), tmp / name, title=f"{e.model} on {e.dataset}"):
                     figures[f"examples:{e.model}"] = f"figures/{name}"

@@ -152,6 +152,8 @@ def test_finding_only_when_mcnemar_rejects(tmp_path):
     assert "threat model: word, word_budget 1, candidates glove, k 10" in sentence
     summary = (tmp_path / "out_sig" / "summary.md").read_text()
     assert "text on fm (400 samples): MMCoA > TeCoA (+10.0 points" in summary
+    summary = (tmp_path / "out_same" / "summary.md").read_text()
+    assert "text on fm (400 samples): MMCoA not distinguishable from TeCoA at this sample size." in summary
 
 
 def test_worst_case_heldout_average_and_headline(tmp_path):

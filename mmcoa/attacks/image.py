@@ -8,7 +8,9 @@ sample fooled, unless the final iterate fools it too (then the final one). Sampl
 the final iterate. So ``early_exit=True`` (a fooled sample leaves the batch at once) returns a
 fooling point for exactly the samples the full run would, and robust accuracy does not change.
 Random starts are drawn for the whole batch whatever is still active, so both modes consume the
-random stream identically.
+random stream identically. With restarts, one run (``PGD.run``) returns a point and a fooled flag for
+every sample it attacked, whether the sample stayed to the end or left early; the restart loop
+(``PGD.forward``) only merges runs, so a sample fooled in any restart keeps that restart's point.
 """
 
 from __future__ import annotations
@@ -217,8 +219,9 @@ class PGD(ImageAttack):
     ``perturb(images [B, C, H, W] in [0, 1], objective, early_exit=False) -> [B, C, H, W]``.
     Returned per sample: the final iterate, except where it does not fool the objective but an
     earlier iterate did (that one is returned). With ``early_exit`` a sample leaves the batch at its
-    first fooling iterate; robust accuracy is the same either way. Cost: ``steps`` forward+backward
-    passes, plus one forward over the samples fooled before the end (none with ``early_exit``).
+    first fooling iterate; robust accuracy is the same either way, with any number of restarts.
+    Cost per run: ``steps`` forward+backward passes, plus one forward over the samples fooled before
+    the end (none with ``early_exit``), and before the last restart one over the samples left.
     """
 
     Params = PGDParams
