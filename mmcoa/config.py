@@ -57,12 +57,12 @@ class ModelParams(Strict):
 class PretrainParams(Strict):
     """Contrastive pre-training from scratch (the embedded default has no pretrained CLIP).
 
-    ``datasets``: the mixture, each drawn with ``n_per_dataset`` training images (class captions for
-    classification sets, the paired captions for retrieval sets).
+    ``datasets``: the mixture, each dataset with the number of training images it contributes (drawn
+    from its train split, repeated when smaller): class prompts for classification sets, the paired
+    captions for retrieval sets. The numbers set the mixture's proportions.
     """
 
-    datasets: list[str] = Field(default_factory=lambda: ["fashion_mnist"], min_length=1)
-    n_per_dataset: int = Field(20000, ge=10)
+    datasets: dict[str, int] = Field(default_factory=lambda: {"fashion_mnist": 20000}, min_length=1)
     steps: int = Field(400, ge=1)
     batch_size: int = Field(256, ge=2)
     lr: float = Field(1e-3, gt=0)

@@ -56,7 +56,7 @@ def pretrain(model: ClipModel, p: Params) -> list[dict]:
     """
     pre = p.base.pretrain
     try:
-        mixture = pretraining_mixture(pre.datasets, pre.n_per_dataset, p.seed, p.data.root, p.data.download)
+        mixture = pretraining_mixture(pre.datasets, p.seed, p.data.root, p.data.download)
     except DataError as err:
         raise StageError(str(err)) from None
     ctx = DefenseContext([], same_class_targets=pre.same_class_targets, caption_groups=mixture.groups)

@@ -64,8 +64,8 @@ def _check_registered(p: Params) -> None:
     known("data.dataset", p.data.dataset, False)
     for i, name in enumerate(p.evaluate.datasets):
         known(f"evaluate.datasets[{i}]", name, True)
-    for i, name in enumerate(p.base.pretrain.datasets if p.base.pretrain else []):
-        known(f"base.pretrain.datasets[{i}]", name, True)
+    for name in p.base.pretrain.datasets if p.base.pretrain else []:
+        known(f"base.pretrain.datasets.{name}", name, True)
     for i, m in enumerate(p.finetune.methods):
         if m not in list_defenses():
             raise StageError(f"invalid params: finetune.methods[{i}]: unknown defense '{m}'; registered: {', '.join(list_defenses())}")

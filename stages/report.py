@@ -23,6 +23,7 @@ from mmcoa.report import (
     save_examples_figure,
     save_overview_figure,
     save_sweep_figure,
+    splice_summary,
     sweep_rows,
 )
 from stages.common import StageError, atomic_dir, log, write_json
@@ -73,6 +74,7 @@ def report(
     folders: list[Path] = typer.Argument(None, help="Evaluation folders (default: every EVALS/<model>/<dataset>/)."),
     evals: Path = typer.Option(Path("evals"), help="Parent folder of the evaluations."),
     out: Path = typer.Option(Path("reports"), help="Folder for the report, metrics files and figures."),
+    readme: Path = typer.Option(None, help="Also write the summary into this README, between its results markers."),
 ) -> None:
     """Collect every evaluation into one report: tables with 95% intervals, paired tests, figures."""
     loaded = [(f, load_folder(f)) for f in (folders or find_folders(evals))]
@@ -82,6 +84,14 @@ def report(
         raise StageError(str(err)) from None
     # Everything that can fail on the inputs is computed before the first file is written.
     metrics, headline, sweeps, summary = flat_metrics(col), headline_metrics(col), sweep_rows(col), render_summary(col)
+    readme_text = None
+    if readme is not None:
+        if not readme.is_file():
+            raise StageError(f"{readme}: not found; pass the README that holds the results markers, or drop --readme")
+        try:
+            readme_text = splice_summary(readme.read_text(), summary)
+        except ValueError as err:
+            raise StageError(f"{readme}: {err}") from None
     figures = {}
     with atomic_dir(out / "figures") as tmp:
         if overview_columns(col):
@@ -109,5 +119,9 @@ def report(
     write_json(out / "metrics.json", metrics)
     write_json(out / "headline.json", headline)
     write_json(out / "sweep.json", sweeps)
+    if readme_text is not None:
+        tmp_readme = readme.with_name(f".{readme.name}.tmp")
+        tmp_readme.write_text(readme_text)
+        os.replace(tmp_readme, readme)
     log(f"report: {len(col.evals)} evaluations of {len(col.models)} models -> {out / 'report.md'}, "
         f"{out / 'metrics.json'}, {out / 'headline.json'}")

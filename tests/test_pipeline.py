@@ -25,7 +25,7 @@ TINY = {  # every group dvc.yaml lists must be present: DVC checks params by key
     "zeroshot": {"templates": None},
     "data": {"dataset": "fashion_mnist", "root": "data/raw", "n_train": 1000},
     "base": {"model": {"arch": "mmcoa-test-micro"},
-             "pretrain": {"datasets": ["fashion_mnist", "digits"], "n_per_dataset": 1000, "steps": 40, "batch_size": 128}},
+             "pretrain": {"datasets": {"fashion_mnist": 1000, "digits": 500, "fmnist_pairs": 500}, "steps": 40, "batch_size": 128}},
     "finetune": {
         "methods": ["tecoa", "mmcoa"],
         "steps": 2,
@@ -67,7 +67,7 @@ def make_repo(tmp_path: Path, params: dict) -> Path:
     repo.mkdir()
     for item in ("mmcoa", "stages"):
         shutil.copytree(REPO / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-    for item in ("dvc.yaml", ".dvcignore"):
+    for item in ("dvc.yaml", ".dvcignore", "README.md"):
         shutil.copy(REPO / item, repo / item)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], repo)

@@ -91,16 +91,16 @@ class CaptionedMixture(torch.utils.data.Dataset):
         return ds.describe(j) if hasattr(ds, "describe") else f"{getattr(ds, 'name', p)}[{j}]"
 
 
-def pretraining_mixture(names: list[str], n_per_dataset: int, seed: int, root: str | None = None,
+def pretraining_mixture(sizes: dict[str, int], seed: int, root: str | None = None,
                         download: bool = False) -> CaptionedMixture:
-    """The train splits of ``names`` (classification or retrieval sets), ``n_per_dataset`` items each."""
+    """The train splits of the datasets of ``sizes`` (classification or retrieval sets), n items each."""
     from mmcoa.data import open_dataset
     from mmcoa.data.retrieval import is_retrieval_dataset, open_retrieval
 
     parts = []
-    for k, name in enumerate(names):
+    for k, (name, n) in enumerate(sizes.items()):
         if is_retrieval_dataset(name):
-            parts.append(retrieval_part(open_retrieval(name, "train", root=root), n_per_dataset, seed + k))
+            parts.append(retrieval_part(open_retrieval(name, "train", root=root), n, seed + k))
         else:
-            parts.append(classification_part(open_dataset(name, "train", root=root, download=download), n_per_dataset, seed + k))
+            parts.append(classification_part(open_dataset(name, "train", root=root, download=download), n, seed + k))
     return CaptionedMixture(parts)
