@@ -5,17 +5,18 @@
 For each size N, an ImageFolder tree of N small files (32x32, half JPEG, half PNG, 10 classes,
 train/ only) is written once under DIR (default: the system temp folder; reused by later runs).
 Then, each in a fresh subprocess so that peaks do not mix:
-  eval   stream every image through ``make_loader`` (resized to the model's 28 px, bicubic) and the
-         tiny model's ``encode_image`` under no_grad;
-  train  a fixed number of steps of forward/backward (zero-shot cross-entropy over the class prompts,
-         both towers) on seeded random batches drawn from all N images;
-  loader ``make_loader`` alone over every image (images/s);
-  model  ``encode_image`` alone on in-memory batches (images/s the model consumes, forward only), and
-         forward/backward steps alone (training images/s).
-Peak RSS is the subprocess's own peak (getrusage) plus the largest loader worker's peak.
-The table ends with the ratios the design asks for: peak RSS at the largest N over the smallest
-(<= 1.2: memory does not grow with the dataset) and loader over model throughput (> 1: the model,
-not the loader, is the bottleneck).
+  eval        stream every image through ``make_loader`` (resized to the model's 28 px, bicubic) and
+              the tiny model's ``encode_image`` under no_grad;
+  train       a fixed number of steps of forward/backward (zero-shot cross-entropy over the class
+              prompts, both towers) on seeded random batches drawn from all N images;
+  throughput  the loader alone (images/s) against the model alone on in-memory batches (images/s it
+              consumes: forward for evaluation, forward/backward for training), interleaved so that
+              both see the same load on a shared machine.
+Memory: the subprocess's peak RSS (getrusage), and the sampled peak of its RSS plus its loader
+workers' private memory (USS). The table ends with the ratios the design asks for: peak memory at the
+largest N over the smallest (<= 1.2: memory does not grow with the dataset) and loader over model
+throughput (> 1: the model, not the loader, is the bottleneck). On a machine whose cores are busy
+with other work, numbers move from run to run; OMP_WAIT_POLICY=PASSIVE is set for that reason.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 CLASSES = 10
 BATCH = 256
 PX = 32
+REPEATS = 5  # interleaved loader/model timings per size
+WINDOW = 12  # batches timed per loader measurement
 
 
 def write_tree(base: Path, n: int) -> Path:
@@ -64,34 +67,34 @@ def write_tree(base: Path, n: int) -> Path:
 
 
 class TreePeak:
-    """Peak memory of this process and its loader workers, sampled every ``period`` s.
+    """Peak memory of this process plus its loader workers, sampled every ``period`` s.
 
-    Forked workers share most pages with their parent, so a sum of RSS counts them twice; the sum of
-    PSS (each shared page split among its sharers; psutil on Linux) does not. Without psutil only
-    this process's own peak RSS (getrusage) is reported.
+    Forked workers share most pages with their parent, so a sum of RSS counts those pages twice;
+    this process's RSS plus each worker's USS (its private pages; psutil) counts every page once.
+    Without psutil only this process's own peak RSS (getrusage) is reported.
     """
 
     def __init__(self, period: float = 0.25):
         import threading
 
-        self.period, self.peak_pss_mb, self._stop = period, 0.0, threading.Event()
+        self.period, self.peak_mb, self._stop = period, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> float:
         import psutil
 
         me = psutil.Process()
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
+        total = me.memory_info().rss
+        for proc in me.children(recursive=True):
             try:
-                total += proc.memory_full_info().pss
+                total += proc.memory_full_info().uss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return total / 2**20
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            self.peak_pss_mb = max(self.peak_pss_mb, self._sample())
+            self.peak_mb = max(self.peak_mb, self._sample())
 
     def __enter__(self):
         try:
@@ -148,42 +151,58 @@ def train_pass(ds, model, size, prompts, workers, steps) -> dict:
     return {"images_per_s": seen / (time.perf_counter() - start)}
 
 
-def loader_pass(ds, model, size, prompts, workers, steps) -> dict:
-    """The loader alone over every image."""
-    from mmcoa.data import make_loader
+def throughput_pass(ds, model, size, prompts, workers, steps) -> dict:
+    """Loader alone vs model alone, interleaved ``REPEATS`` times so that both see the same machine load.
 
-    start = time.perf_counter()
-    seen = sum(len(images) for images, _, _ in make_loader(ds, in_order(len(ds)), size=size, num_workers=workers))
-    return {"images_per_s": seen / (time.perf_counter() - start)}
+    One loader streams the dataset in order (wrapping around); each repeat first drains the batches
+    the workers prefetched while the model ran, then times ``WINDOW`` batches, then times the model
+    alone on an in-memory batch: forward under no_grad (evaluation) and forward/backward (training).
+    Ratios are medians of the per-repeat ratios.
+    """
+    import itertools
+    import statistics
 
-
-def model_pass(ds, model, size, prompts, workers, steps) -> dict:
-    """The model alone on in-memory batches: forward (evaluation) and forward/backward (training) rates."""
     import torch
     import torch.nn.functional as F
 
-    x = torch.rand(BATCH, 3, size, size)
-    model.eval()
-    with torch.no_grad():
-        model.encode_image(x)  # warm-up
-        start, reps = time.perf_counter(), 8
-        for _ in range(reps):
-            model.encode_image(x)
-        out = {"eval_images_per_s": reps * BATCH / (time.perf_counter() - start)}
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens, y = model.tokenize(prompts), torch.randint(0, CLASSES, (BATCH,))
-    start, reps = time.perf_counter(), 5
-    for _ in range(reps):
+    from mmcoa.data import make_loader
+
+    n = len(ds)
+    cyclic = ([(k * BATCH + j) % n for j in range(BATCH)] for k in itertools.count())
+    stream = iter(make_loader(ds, cyclic, size=size, num_workers=workers))
+    x, y = torch.rand(BATCH, 3, size, size), torch.randint(0, CLASSES, (BATCH,))
+    tokens, opt = model.tokenize(prompts), torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
         loss = F.cross_entropy(100 * model.encode_image(x) @ model.encode_text(tokens).T, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    out["train_images_per_s"] = reps * BATCH / (time.perf_counter() - start)
-    return out
+
+    def rate(fn, reps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return reps * BATCH / (time.perf_counter() - start)
+
+    loader, forward, train = [], [], []
+    for _ in range(REPEATS):
+        for _ in range(2 * max(1, workers)):  # prefetched while the model ran: not the loader's speed
+            next(stream)
+        loader.append(rate(lambda: next(stream), WINDOW))
+        with torch.no_grad():
+            model.eval()
+            forward.append(rate(lambda: model.encode_image(x), 4))
+        model.train()
+        train.append(rate(train_step, 2))
+    del stream
+    med = statistics.median
+    return {"loader_images_per_s": med(loader), "eval_images_per_s": med(forward), "train_images_per_s": med(train),
+            "loader_over_eval": med(a / b for a, b in zip(loader, forward)),
+            "loader_over_train": med(a / b for a, b in zip(loader, train))}
 
 
-PASSES = {"eval": eval_pass, "train": train_pass, "loader": loader_pass, "model": model_pass}
+PASSES = {"eval": eval_pass, "train": train_pass, "throughput": throughput_pass}
 
 
 def in_order(n: int):
@@ -206,7 +225,7 @@ def child(mode: str, tree: Path, workers: int, steps: int, threads: int) -> dict
         start = time.perf_counter()
         out = PASSES[mode](ds, model, model.image_size[0], prompts, workers, steps)
     return {**out, "mode": mode, "n": len(ds), "seconds": time.perf_counter() - start,
-            "rss_mb": TreePeak.own_rss_mb(), "pss_mb": peak.peak_pss_mb}
+            "rss_mb": TreePeak.own_rss_mb(), "tree_mb": peak.peak_mb}
 
 
 def run_child(mode: str, tree: Path, args) -> dict:
@@ -223,7 +242,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="loader worker processes")
     ap.add_argument("--steps", type=int, default=20, help="training steps per size")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
-    ap.add_argument("--child", choices=("eval", "train", "loader", "model"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=tuple(PASSES), help=argparse.SUPPRESS)
     ap.add_argument("--tree", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -236,26 +255,26 @@ def main() -> None:
         t0 = time.perf_counter()
         tree = write_tree(args.dir, n)
         print(f"n={n}: tree ready in {time.perf_counter() - t0:.0f}s ({tree})", file=sys.stderr, flush=True)
-        r = {m: run_child(m, tree, args) for m in ("eval", "train", "loader", "model")}
+        r = {m: run_child(m, tree, args) for m in PASSES}
         rows.append((n, r))
         print(f"n={n}: {json.dumps(r)}", file=sys.stderr, flush=True)
 
-    print("\n| images | eval peak RSS / PSS MB | train peak RSS / PSS MB | loader img/s | eval img/s (model alone) "
-          "| train img/s (model alone) | loader/model eval | loader/model train |")
+    print("\n| images | eval peak MB: main RSS / +workers | train peak MB: main RSS / +workers | eval pass img/s "
+          "| train pass img/s | loader alone img/s | model alone img/s: eval / train | loader/model: eval / train |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, r in rows:
-        m, ev, tr = r["model"], r["eval"], r["train"]
-        print(f"| {n} | {ev['rss_mb']:.0f} / {ev['pss_mb']:.0f} | {tr['rss_mb']:.0f} / {tr['pss_mb']:.0f} | "
-              f"{r['loader']['images_per_s']:.0f} | {ev['images_per_s']:.0f} ({m['eval_images_per_s']:.0f}) | "
-              f"{tr['images_per_s']:.0f} ({m['train_images_per_s']:.0f}) | "
-              f"{r['loader']['images_per_s'] / m['eval_images_per_s']:.2f} | {r['loader']['images_per_s'] / m['train_images_per_s']:.2f} |")
+        ev, tr, th = r["eval"], r["train"], r["throughput"]
+        print(f"| {n} | {ev['rss_mb']:.0f} / {ev['tree_mb']:.0f} | {tr['rss_mb']:.0f} / {tr['tree_mb']:.0f} | "
+              f"{ev['images_per_s']:.0f} | {tr['images_per_s']:.0f} | {th['loader_images_per_s']:.0f} | "
+              f"{th['eval_images_per_s']:.0f} / {th['train_images_per_s']:.0f} | "
+              f"{th['loader_over_eval']:.2f} / {th['loader_over_train']:.2f} |")
     (lo, rlo), (hi, rhi) = rows[0], rows[-1]
-    for key, label in (("rss_mb", "peak RSS (main process)"), ("pss_mb", "peak PSS (main + workers)")):
+    for key, label in (("rss_mb", "peak RSS of the main process"), ("tree_mb", "peak of main RSS + workers' private memory")):
         ratios = {p: rhi[p][key] / rlo[p][key] if rlo[p][key] else float("nan") for p in ("eval", "train")}
         verdict = "ok" if max(ratios.values()) <= 1.2 else "FAILS"
         print(f"{label}, {hi} / {lo} images: eval {ratios['eval']:.3f}, train {ratios['train']:.3f} (must be <= 1.2: {verdict})")
-    for p, key in (("train", "train_images_per_s"), ("eval", "eval_images_per_s")):
-        worst = min(r["loader"]["images_per_s"] / r["model"][key] for _, r in rows)
+    for p in ("train", "eval"):
+        worst = min(r["throughput"][f"loader_over_{p}"] for _, r in rows)
         print(f"loader / model throughput ({p}), worst over sizes: {worst:.2f} (must be > 1: {'ok' if worst > 1 else 'FAILS'})")
 
 

@@ -36,7 +36,7 @@ TINY = {  # every group dvc.yaml lists must be present: DVC checks params by key
     },
     "evaluate": {
         "datasets": ["fashion_mnist", "digits", "fmnist_pairs"],
-        "models": {},
+        "models": {"outside": {"arch": "mmcoa-test-micro"}},  # any model reference, evaluated beside the pipeline's
         "n_samples": 40,
         "n_images": 12,
         "batch_size": 40,
@@ -84,7 +84,7 @@ def test_tiny_dvc_repro_produces_the_metric_contract(tmp_path):
     repo = make_repo(tmp_path, TINY)
     run(["dvc", "repro"], repo)
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    for model in ("base", "tecoa", "mmcoa"):
+    for model in ("base", "tecoa", "mmcoa", "outside"):
         for dataset in ("fashion_mnist", "digits"):
             for attack in ("clean", "image", "text", "multimodal", "worst_image", "worst_text", "worst_multimodal"):
                 key = f"{model}.{dataset}.{attack}.acc"
