@@ -116,7 +116,7 @@ def evaluate_classification(
     device = model.device
     prompts = build_prompts(classnames, templates[0])
     classifier = ZeroShotClassifier(model, class_embeddings(model, classnames, templates))
-    task = ZeroShotTask(classifier, prompts, set(classnames))
+    task = ZeroShotTask(classifier, prompts, set(classnames), classnames=list(classnames))
     runs = _with_sweep(suite, sweep)
 
     mine = indices[dist.rank() :: dist.world_size()].tolist()

@@ -112,3 +112,15 @@ def test_template_checks_run_before_the_guards():
     with pytest.raises(AttackError, match="logits"):  # apgd_t at eps 0 still says what it needs
         create_attack("apgd_t", eps_255=0).perturb(x, lambda images, index: None)
     assert create_attack("word", word_budget=0).perturb(["a photo of a cat."], None) == ["a photo of a cat."]
+
+
+def test_pgd_restarts_when_no_step_fools():
+    """Restarts whose steps never fool (only some final iterates do) must still merge cleanly."""
+    x = torch.full((40, 1, 4, 4), 0.5)
+
+    def objective(images, index):  # fooled only once the first pixel is pushed to the top of the ball
+        return ObjectiveOutput(images[:, 0, 0, 0], (images[:, 0, 0, 0] >= 0.5 + 0.999 * 4 / 255).detach())
+
+    attack = create_attack("pgd", eps_255=4, step_255=8, steps=1, restarts=3, seed=0)  # one step reaches the top
+    adv = attack.perturb(x, objective, early_exit=True)
+    assert objective(adv, torch.arange(40)).fooled.all()

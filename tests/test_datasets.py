@@ -23,6 +23,7 @@ from mmcoa.data import (
     manifest,
     open_dataset,
     prepare,
+    register_dataset,
 )
 
 RNG = np.random.default_rng(0)
@@ -270,6 +271,8 @@ def test_registry_class_counts_and_names():
     assert is_dataset("folder:/any/where") and is_dataset("csv:x.csv") and not is_dataset("folder:") and not is_dataset("cifar11")
     with pytest.raises(DataError, match="unknown dataset 'cifar11'.*cifar10.*folder:PATH"):
         open_dataset("cifar11", "test")
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset("digits")(lambda: None)
 
 
 def test_missing_dataset_says_where_and_how(tmp_path):

@@ -18,7 +18,14 @@ BIN = Path(sys.executable).parent
 PGD = {"attack": "pgd", "params": {"eps_255": 4, "steps": 3}}
 WORD = {"attack": "word", "params": {"word_budget": 1, "k": 3}}
 MM = {"attack": "multimodal", "params": {"mode": "co_attack", "image": PGD, "text": WORD}}
-TINY = {  # every group dvc.yaml lists must be present: DVC checks params by key
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) and value else value
+    return out
+
+
+TINY_CHANGES = {  # on top of the repo's params.yaml: DVC needs every key that dvc.yaml lists
     "seed": 0,
     "device": "auto",
     "threads": 2,
@@ -52,6 +59,7 @@ TINY = {  # every group dvc.yaml lists must be present: DVC checks params by key
         "sweep_eps_255": [2, 64],
     },
 }
+TINY = _merged(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_CHANGES)
 
 
 def run(args, cwd, check=True, **kw):

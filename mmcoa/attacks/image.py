@@ -323,7 +323,8 @@ class PGD(ImageAttack):
         if fin is None:  # steps=0: the objective was never asked before
             return result, None
         stale = checked[fools.ever[checked] & ~fin]
-        result[stale] = fools.x[stale]
+        if len(stale):  # (fools.x exists exactly when some sample was fooled before the end)
+            result[stale] = fools.x[stale]
         fools.ever[checked[fin]] = True
         return result, fools.ever
 

@@ -5,7 +5,7 @@ and wordnet-sense-index (``index.sense``), read with nltk's ``WordNetCorpusReade
 corpus only from a root under one of its data folders (``NLTK_DATA``; symlinks are resolved, so the
 files are copied, not linked) that also holds a ``lexnames`` file, which Debian does not ship: it is
 written here from the table of lexicographer files documented in WordNet's lexnames(5).
-The copy lives in ``$MMCOA_CACHE`` (default ``~/.cache/mmcoa``) ``/nltk_data/corpora/wordnet``.
+The copy lives in ``$MMCOA_DATA`` (default ``~/.cache/mmcoa``) ``/nltk_data/corpora/wordnet``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import shutil
 import warnings
 from functools import lru_cache
 from pathlib import Path
+
+from mmcoa.data.registry import default_root
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 WORDNET_FILES = (
@@ -45,7 +47,8 @@ def lexnames_text() -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MMCOA_CACHE", Path.home() / ".cache" / "mmcoa")) / "nltk_data"
+    """The nltk data folder of the copy: ``nltk_data`` under the project's data root."""
+    return default_root() / "nltk_data"
 
 
 def prepare_corpus(source: Path = WORDNET_DIR, data_root: Path | None = None) -> Path:

@@ -165,7 +165,6 @@ class Torchvision:
     files: Callable | None = _files_attr("_image_files")
     array: Callable | None = None
     names_key: str | None = None  # clip-benchmark's key for clean class names
-    templates_key: str | None = None
     names_from: Callable = lambda ds: ds.classes
     drop_names: int = 0  # leading clip-benchmark names the loader does not have (Caltech-101's background)
     needs: str | None = None  # extra package the loader imports
@@ -199,7 +198,7 @@ def _build(name: str, tv: Torchvision, root: Path, split: str, download: bool) -
     targets = tv.labels(ds)
     names = field_classnames(tv.names_key)
     names = names[tv.drop_names :] if names else [clean_name(str(c)) for c in tv.names_from(ds)]
-    templates = field_templates(tv.templates_key or name, paper_template(name))
+    templates = field_templates(name, paper_template(name))  # clip-benchmark keys its templates by these names
     if tv.files is not None:
         out: ImageDataset = FileDataset(name, split, tv.files(ds), targets, names, templates, paper_template(name))
     elif tv.array is not None:
