@@ -384,3 +384,21 @@ def test_caltech_layouts_map_folders_to_names(tmp_path):
     c256 = open_dataset("caltech256", "train", root=tmp_path)
     assert len(c256.classnames) == 257 and c256.classnames[0] == "ak47" and c256.classnames[252] == "faces easy"
     assert {c256.describe(i).split("/")[-2] for i in range(len(c256))} <= set(named.values())
+
+
+def test_fast_decoder_matches_pil_bit_for_bit(tmp_path):
+    """JPEG/PNG decode through torchvision.io, other formats through PIL: the pixels must be PIL's."""
+    from mmcoa.data.decode import read_image_file
+
+    cases = {
+        "photo.jpg": Image.fromarray(_rgb(33, 17)),
+        "photo.png": Image.fromarray(_rgb(5, 9)),
+        "gray.jpg": Image.fromarray(RNG.integers(0, 256, (16, 16), dtype=np.uint8), "L"),
+        "photo.bmp": Image.fromarray(_rgb(7, 7)),
+        "anim.gif": Image.fromarray(_rgb(8, 8)).convert("P"),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        with Image.open(tmp_path / name) as ref:
+            want = torch.from_numpy(np.array(ref.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(read_image_file(tmp_path / name), want), name
