@@ -155,7 +155,9 @@ class AttackSpec(Strict):
 
     ``family`` groups attacks for the worst case per sample (default: the attack's side: image, text or
     multimodal). ``worst_only`` entries run in the cascade only (on samples every earlier attack of the
-    family left correct) and count toward the worst case, not as a column of their own.
+    family left correct) and count toward the worst case, not as a column of their own. ``datasets``
+    limits an expensive attack to some datasets (None = every one); a family's worst case on a dataset
+    is over the attacks that ran there, and result.json lists them.
     """
 
     name: str = Field(pattern=r"^[a-z0-9_]+$")
@@ -163,6 +165,10 @@ class AttackSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     family: str | None = Field(None, pattern=r"^[a-z0-9_]+$")
     worst_only: bool = False
+    datasets: list[str] | None = Field(None, min_length=1)
+
+    def runs_on(self, dataset: str) -> bool:
+        return self.datasets is None or dataset in self.datasets
 
 
 class EvaluateParams(Strict):

@@ -46,7 +46,7 @@ def suite_from_specs(specs: list[dict]) -> list[SuiteEntry]:
     for s in specs:
         attack = create_attack(s["attack"], **s.get("params", {}))
         family = s.get("family") or FAMILY_OF_SIDE.get(attack.kind, attack.kind)
-        out.append(SuiteEntry(s["name"], attack, family, bool(s.get("worst_only", False))))
+        out.append(SuiteEntry(s["name"], attack, family, bool(s.get("worst_only", False))))  # other keys: the stage's
     return out
 
 

@@ -543,6 +543,14 @@ class ClipModel(nn.Module):
             self._warn_truncated([t for t, f in zip(texts, full) if f], tokens.shape[1])
         return tokens.to(self.device)
 
+    def fits_context(self, texts: list[str]) -> torch.Tensor:
+        """Bool [N]: True where a text fits the text tower's context without truncation."""
+        context = int(self.tokenizer([""]).shape[1])
+        if self._pad_id is None:
+            self._pad_id = int(self.tokenizer([""])[0, -1])
+        longer = self.tokenizer(list(texts), context_length=context + 1)
+        return (longer[:, context] == self._pad_id).to(self.device)
+
     def _warn_truncated(self, texts: list[str], context: int) -> None:
         for text in texts:
             if text in self._length_checked or self._truncation_warnings > _MAX_TRUNCATION_WARNINGS:

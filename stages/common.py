@@ -76,6 +76,12 @@ def _check_registered(p: Params) -> None:
             p.finetune.for_method(m)
         except Exception as err:  # pydantic error text names the key
             raise StageError(f"invalid params: finetune.overrides.{m}: {str(err).splitlines()[0]}") from None
+    for key, suite in (("suite", p.evaluate.suite), ("retrieval_suite", p.evaluate.retrieval_suite)):
+        for i, spec in enumerate(suite):
+            stray = [d for d in spec.datasets or [] if d not in p.evaluate.datasets]
+            if stray:
+                raise StageError(f"invalid params: evaluate.{key}[{i}] ({spec.name}).datasets: {stray} not in "
+                                 f"evaluate.datasets {p.evaluate.datasets}")
     specs = [(f"evaluate.suite[{i}]", s) for i, s in enumerate(p.evaluate.suite)]
     specs += [(f"evaluate.retrieval_suite[{i}]", s) for i, s in enumerate(p.evaluate.retrieval_suite)]
     if p.evaluate.sweep is not None:

@@ -100,7 +100,7 @@ def run_evaluation(name: str, model_ref: str | None, data: Path, out: Path, para
 
 def _classification(name: str, model: ClipModel, dataset, indices: list[int], p: Params):
     e = p.evaluate
-    suite = suite_from_specs([s.model_dump() for s in e.suite])
+    suite = suite_from_specs([s.model_dump() for s in e.suite if s.runs_on(dataset.name)])
     sweep = (e.sweep.attack, e.sweep.params, list(e.sweep_eps_255)) if e.sweep and e.sweep_eps_255 else None
     templates = select_templates(dataset, p.zeroshot.prompts, p.zeroshot.templates)
     batches = _batches(dataset, model, p)
@@ -134,7 +134,8 @@ def _retrieval(name: str, model: ClipModel, dataset, indices: list[int], p: Para
     from mmcoa.retrieval import evaluate_retrieval
 
     e = p.evaluate
-    suite = [(entry.name, entry.attack) for entry in suite_from_specs([s.model_dump() for s in e.retrieval_suite])]
+    specs = [s.model_dump() for s in e.retrieval_suite if s.runs_on(dataset.name)]
+    suite = [(entry.name, entry.attack) for entry in suite_from_specs(specs)]
     opts = loader_options(model, p)
     with progress() as bar:
         bar.add_task(f"{name} on {dataset.name} (retrieval)", total=None)

@@ -195,7 +195,11 @@ class ZeroShotTextObjective:
         with torch.no_grad():
             logits = self.classifier.logits_from_features(feats, emb, y)
         m = margin(logits.float(), y)
-        return ObjectiveOutput(m, m > 0)
+        # A candidate longer than the text tower's context would be truncated, which can cut the class
+        # name off the prompt: that changes the label, it does not attack the model. Never accept one.
+        fits = self.classifier.model.fits_context(texts)
+        m = torch.where(fits, m, torch.full_like(m, -torch.inf))
+        return ObjectiveOutput(m, (m > 0) & fits)
 
 
 class EmbeddingKLObjective:
@@ -225,7 +229,7 @@ class RetrievalTextObjective:
     """
 
     def __init__(self, model: ClipModel, image_feats: torch.Tensor, positives: torch.Tensor, k: int = 1):
-        self.image_feats, self.positives, self.k = image_feats.detach(), positives, k
+        self.model, self.image_feats, self.positives, self.k = model, image_feats.detach(), positives, k
         self.encode = _TextEncoder(model)
 
     def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
@@ -237,4 +241,6 @@ class RetrievalTextObjective:
             return ObjectiveOutput(-own, torch.zeros_like(own, dtype=torch.bool))
         others = sims.scatter(1, own_idx, float("-inf"))
         m = others.topk(k, dim=1).values[:, -1] - own
-        return ObjectiveOutput(m, m >= 0)
+        fits = self.model.fits_context(texts)  # a truncated caption may lose label-carrying words
+        m = torch.where(fits, m, torch.full_like(m, -torch.inf))
+        return ObjectiveOutput(m, (m >= 0) & fits)
