@@ -7,6 +7,7 @@ file reads the way papers write budgets.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -180,6 +181,11 @@ class EvaluateParams(Strict):
     """
 
     datasets: list[str] = Field(default_factory=lambda: ["fashion_mnist"], min_length=1)
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="Names of datasets given by reference (folder:PATH, csv:PATH, retrieval-json:PATH, ...), so "
+        "that `datasets`, metric keys and pipeline paths use a plain name: {mine: 'folder:/data/mine'}",
+    )
     models: dict[str, ModelParams] = Field(default_factory=dict)
     n_samples: int = Field(500, ge=1)
     n_images: int = Field(1000, ge=2, description="Retrieval gallery size (images, with all their captions)")
@@ -204,6 +210,10 @@ class EvaluateParams(Strict):
         dupes = sorted({d for d in self.datasets if self.datasets.count(d) > 1})
         if dupes:
             raise ValueError(f"datasets repeated: {dupes}")
+        for name in [*self.datasets, *self.sources]:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"datasets: '{name}' is not a plain name; give it one in evaluate.sources "
+                                 f"({{my_name: '{name}'}}) and list my_name here")
         return self
 
 

@@ -63,7 +63,7 @@ def _check_registered(p: Params) -> None:
 
     known("data.dataset", p.data.dataset, False)
     for i, name in enumerate(p.evaluate.datasets):
-        known(f"evaluate.datasets[{i}]", name, True)
+        known(f"evaluate.datasets[{i}]", p.evaluate.sources.get(name, name), True)
     for name in p.base.pretrain.datasets if p.base.pretrain else []:
         known(f"base.pretrain.datasets.{name}", name, True)
     for i, m in enumerate(p.finetune.methods):

@@ -83,8 +83,8 @@ def run_evaluation(name: str, model_ref: str | None, data: Path, out: Path, para
         return
     model_dir = Path(model_ref) if model_ref and Path(model_ref).is_dir() else Path("models") / name
     payload.update({
-        "model": name, "dataset": meta["dataset"], "task": task,
-        "role": "finetune" if meta["dataset"] == p.data.dataset else "held_out",
+        "model": name, "dataset": dataset.name, "task": task,
+        "role": "finetune" if p.data.dataset in (dataset.name, meta.get("source")) else "held_out",
         "trained_on": _trained_on(model_dir if model_dir.is_dir() else None),
     })
     with atomic_dir(out) as tmp:

@@ -29,14 +29,14 @@ def fetch(
     try:
         dataset = open_dataset(d.dataset, "train", root=d.root, download=d.download, on_corrupt=d.on_corrupt)
         with atomic_dir(out) as tmp:
-            meta = write_subset(dataset, d.n_train, p.seed, tmp, d.cache_max_images)
+            meta = write_subset(dataset, d.n_train, p.seed, tmp, d.cache_max_images, source=d.dataset)
     except DataError as err:
         raise StageError(str(err)) from None
     log(f"fetch: {d.dataset} train, {len(meta['indices'])} samples ({'cached' if meta.get('cached') else 'streamed'}) -> {out}")
 
 
 def fetch_eval(
-    dataset: str = typer.Argument(..., help="A dataset of evaluate.datasets."),
+    dataset: str = typer.Argument(..., help="A dataset of evaluate.datasets (a registered name or a key of evaluate.sources)."),
     out: Path = typer.Option(None, help="Output folder (default: data/eval/DATASET)."),
     params: Path = PARAMS_OPTION,
     set_: list[str] = SET_OPTION,
@@ -45,16 +45,18 @@ def fetch_eval(
     p = load(params, set_)
     d, e = p.data, p.evaluate
     out = out or Path("data/eval") / dataset
+    reference = e.sources.get(dataset, dataset)
     try:
         with atomic_dir(out) as tmp:
-            if task_of(dataset) == "retrieval":
+            if task_of(reference) == "retrieval":
                 from mmcoa.data.retrieval import open_retrieval
 
-                full = open_retrieval(dataset, "test", root=d.root)
-                meta = write_retrieval_subset(full, e.n_images, p.seed + EVAL_SALT, tmp)
+                full = open_retrieval(reference, "test", root=d.root)
+                meta = write_retrieval_subset(full, e.n_images, p.seed + EVAL_SALT, tmp, name=dataset, source=reference)
             else:
-                source = open_dataset(dataset, "test", root=d.root, download=d.download, on_corrupt=d.on_corrupt)
-                meta = write_subset(source, e.n_samples, p.seed + EVAL_SALT, tmp, d.cache_max_images)
+                source = open_dataset(reference, "test", root=d.root, download=d.download, on_corrupt=d.on_corrupt)
+                meta = write_subset(source, e.n_samples, p.seed + EVAL_SALT, tmp, d.cache_max_images, name=dataset,
+                                    source=reference)
     except DataError as err:
         raise StageError(str(err)) from None
     log(f"fetch-eval: {dataset}, {len(meta['indices'])} {'images' if meta.get('task') == 'retrieval' else 'samples'} -> {out}")

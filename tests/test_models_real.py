@@ -265,7 +265,7 @@ def test_base_stage_never_pretrains_a_model_that_has_weights(tmp_path):
     for model in ({"arch": "hf-hub:chs20/fare2-clip"}, {"arch": MICRO, "pretrained": str(tmp_path / "w.safetensors")}):
         params = write_params(tmp_path / "params.yaml", {"base": {"model": model, "pretrain": {"steps": 1}}})
         with pytest.raises(StageError) as info:
-            base(data=tmp_path / "data", out=tmp_path / "out", params=params, set_=[])
+            base(out=tmp_path / "out", params=params, set_=[])
         assert "base.pretrain" in str(info.value) and "base.model" in str(info.value)
         assert not (tmp_path / "out").exists()
 

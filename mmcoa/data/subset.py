@@ -43,8 +43,13 @@ class CachedSubset(torch.utils.data.Dataset):
         return f"{self.name}[{int(i)}]"
 
 
-def write_subset(dataset, n: int, seed: int, out_dir: str | Path, cache_max_images: int) -> dict:
-    """Choose ``n`` stratified samples of ``dataset`` (an ImageDataset), write manifest (+ cache)."""
+def write_subset(dataset, n: int, seed: int, out_dir: str | Path, cache_max_images: int, name: str | None = None,
+                 source: str | None = None) -> dict:
+    """Choose ``n`` stratified samples of ``dataset`` (an ImageDataset), write manifest (+ cache).
+
+    ``name``: what the subset is called in metric keys (default: the dataset's own name); ``source``:
+    the reference it was opened by (``folder:PATH``...), to open it again (default: its name).
+    """
     from safetensors.torch import save_file
 
     from mmcoa.data import manifest
@@ -53,7 +58,8 @@ def write_subset(dataset, n: int, seed: int, out_dir: str | Path, cache_max_imag
     out_dir.mkdir(parents=True, exist_ok=True)
     indices = stratified_indices(np.asarray(dataset.targets), n, seed).tolist()
     meta = {**manifest(dataset, indices), "classnames": list(dataset.classnames), "templates": list(dataset.templates),
-            "paper_template": getattr(dataset, "paper_template", None)}
+            "paper_template": getattr(dataset, "paper_template", None), "name": name or dataset.name,
+            "source": source or dataset.name}
     if len(indices) <= cache_max_images:
         images, labels, kept = _decode(dataset, indices)
         if images is not None:
@@ -88,7 +94,8 @@ def task_of(name: str) -> str:
     return "retrieval" if is_retrieval_dataset(name) else "classification"
 
 
-def write_retrieval_subset(dataset, n_images: int, seed: int, out_dir: str | Path) -> dict:
+def write_retrieval_subset(dataset, n_images: int, seed: int, out_dir: str | Path, name: str | None = None,
+                           source: str | None = None) -> dict:
     """Choose ``n_images`` images (with all their captions) of a retrieval set; write the manifest."""
     import hashlib
 
@@ -105,7 +112,7 @@ def write_retrieval_subset(dataset, n_images: int, seed: int, out_dir: str | Pat
     for i in chosen:
         image, _ = dataset[i]
         h.update(image.numpy().tobytes())
-    meta = {"dataset": dataset.name, "split": getattr(dataset, "split", "test"), "task": "retrieval",
+    meta = {"dataset": dataset.name, "name": name or dataset.name, "source": source or dataset.name, "split": getattr(dataset, "split", "test"), "task": "retrieval",
             "indices": chosen, "n": len(chosen), "content_sha256": h.hexdigest()}
     (out_dir / MANIFEST).write_text(json.dumps(meta, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     return meta
@@ -129,20 +136,23 @@ def open_subset(directory: str | Path, root: str | None = None, download: bool =
 
     directory = Path(directory)
     meta = read_manifest(directory)
+    source = meta.get("source", meta["dataset"])
     if meta.get("task") == "retrieval":
         from mmcoa.data.retrieval import open_retrieval
 
-        full = open_retrieval(meta["dataset"], meta["split"], root=root)
-        return full.subset(meta["indices"]), list(meta["indices"])
-    if meta.get("cached") and (directory / CACHE).is_file():
+        dataset, kept = open_retrieval(source, meta["split"], root=root).subset(meta["indices"]), list(meta["indices"])
+    elif meta.get("cached") and (directory / CACHE).is_file():
         try:
             t = load_file(str(directory / CACHE))
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise DataError(f"{directory / CACHE}: unreadable ({err}); delete it and run `mmcoa fetch` again") from None
         kept = t["indices"].tolist()
-        return CachedSubset(t["images"], t["labels"], kept, meta), kept
-    dataset = open_dataset(meta["dataset"], meta["split"], root=root, download=download, on_corrupt=on_corrupt)
-    return dataset, list(meta["indices"])
+        dataset = CachedSubset(t["images"], t["labels"], kept, meta)
+    else:
+        dataset = open_dataset(source, meta["split"], root=root, download=download, on_corrupt=on_corrupt)
+        kept = list(meta["indices"])
+    dataset.name = meta.get("name", dataset.name)  # metric keys use the name the params gave it
+    return dataset, kept
 
 
 def subset_batches(dataset, indices: list[int], **loader_kw):
