@@ -707,8 +707,24 @@ def render_summary(col: Collection, reference: str = "mmcoa") -> str:
                f"zero-shot sets ({', '.join(col.held_out) or 'none'}); worst_<family> counts a sample as correct only "
                "if it survives every attack of the family.")
     out += ["", "Threat models: " + "; ".join(f"{a}: {budget(col.threat(a))}" for a in HEADLINE[1:] if col.threat(a)) + ".", ""]
+    out += retrieval_summary(col)
     out += reference_findings(col, reference)
     return "\n".join(out)
+
+
+def retrieval_summary(col: Collection) -> list[str]:
+    """R@1 of both directions per model and headline attack, one compact table per retrieval set."""
+    out = []
+    for d in col.datasets("retrieval"):
+        evs = [e for e in col.evals if e.dataset == d]
+        attacks = [a for a in HEADLINE if any(e.acc(a, "i2t_r1") is not None for e in evs)]
+        out += [f"Retrieval on {d} ({evs[0].n} images, {evs[0].n_for('t2i')} captions), R@1 (%) image->text / "
+                "text->image:", "", "| model | " + " | ".join(attacks) + " |", "|---|" + "---:|" * len(attacks)]
+        for e in evs:
+            cells = [f"{_pct(e.acc(a, 'i2t_r1'))} / {_pct(e.acc(a, 't2i_r1'))}" for a in attacks]
+            out.append(f"| {label(e.model)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
 
 
 def reference_findings(col: Collection, reference: str) -> list[str]:

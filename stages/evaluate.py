@@ -101,7 +101,8 @@ def run_evaluation(name: str, model_ref: str | None, data: Path, out: Path, para
 def _classification(name: str, model: ClipModel, dataset, indices: list[int], p: Params):
     e = p.evaluate
     suite = suite_from_specs([s.model_dump() for s in e.suite if s.runs_on(dataset.name)])
-    sweep = (e.sweep.attack, e.sweep.params, list(e.sweep_eps_255)) if e.sweep and e.sweep_eps_255 else None
+    sweeps = e.sweep is not None and e.sweep_eps_255 and e.sweep.runs_on(dataset.name)
+    sweep = (e.sweep.attack, e.sweep.params, list(e.sweep_eps_255)) if sweeps else None
     templates = select_templates(dataset, p.zeroshot.prompts, p.zeroshot.templates)
     batches = _batches(dataset, model, p)
     idx = torch.as_tensor(indices, dtype=torch.long)
