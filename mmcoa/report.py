@@ -877,7 +877,7 @@ def save_accuracy_figure(col: Collection, dataset: str, path: str | Path) -> Non
         xs = [j + i * width for j in range(len(attacks))]
         vals = [e.acc(a) or 0.0 for a in attacks]
         ci = [accuracy_interval(v, e.n) for v in vals]
-        err = [[100 * (v - lo) for v, (lo, _) in zip(vals, ci)], [100 * (hi - v) for v, (_, hi) in zip(vals, ci)]]
+        err = [[100 * max(v - lo, 0.0) for v, (lo, _) in zip(vals, ci)], [100 * max(hi - v, 0.0) for v, (_, hi) in zip(vals, ci)]]
         ax.bar(xs, [100 * v for v in vals], width, yerr=err, capsize=2, label=label(e.model))
     ax.set_xticks([j + width * (len(evs) - 1) / 2 for j in range(len(attacks))], attacks, fontsize=8)
     ax.set_ylabel("accuracy (%)")
