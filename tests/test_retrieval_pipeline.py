@@ -39,7 +39,7 @@ def params_for(tmp_path: Path, source: Path) -> Path:
     p["data"]["resolution"] = "model"  # the images differ in size: bring them to the model's input size
     pgd = {"attack": "pgd", "params": {"eps_255": 4, "steps": 2}}
     p["evaluate"].update({
-        "datasets": ["tiny"], "sources": {"tiny": f"retrieval-json:{source}"}, "n_images": 8,
+        "datasets": ["tiny"], "sources": {"tiny": f"retrieval-json:{source}"}, "n_images": 8, "suite": [],
         "retrieval_suite": [{"name": "image", **pgd}, {"name": "text", "attack": "word", "params": {"k": 3}}],
     })
     path = tmp_path / "params.yaml"

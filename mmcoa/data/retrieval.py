@@ -278,7 +278,7 @@ def _image_dirs(base: Path) -> list[Path]:
 
 
 def read_retrieval_json(path: str | Path, split: str = "test", root: str | Path | None = None) -> RetrievalDataset:
-    """Any of the three JSON layouts (told apart by their shape); images under ``root`` or the file's folder."""
+    """Any of the three JSON layouts (told apart by their shape); images under the file's folder, else ``root``."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: no such file; give the path of a retrieval JSON (Karpathy, COCO or ALBEF layout)")
@@ -289,17 +289,17 @@ def read_retrieval_json(path: str | Path, split: str = "test", root: str | Path 
             f"{path}: unknown retrieval JSON layout; expected a Karpathy {{'images': [...sentences]}}, "
             "a COCO {'images', 'annotations'} or an ALBEF [{'image', 'caption'}] file"
         )
-    base = Path(root).expanduser() if root else path.parent
-    return from_entries(_dataset_name("json", path), reader(data, split, str(path)), _image_dirs(base), split)
+    dirs = _image_dirs(path.parent) + (_image_dirs(Path(root).expanduser()) if root else [])
+    return from_entries(_dataset_name("json", path), reader(data, split, str(path)), dirs, split)
 
 
 def read_retrieval_csv(path: str | Path, split: str = "test", root: str | Path | None = None) -> RetrievalDataset:
-    """A CSV of ``image,caption`` rows; images under ``root`` or the file's folder."""
+    """A CSV of ``image,caption`` rows; images under the file's folder, else ``root``."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: no such file; give the path of an image,caption CSV")
-    base = Path(root).expanduser() if root else path.parent
-    return from_entries(_dataset_name("csv", path), csv_entries(path), _image_dirs(base), split)
+    dirs = _image_dirs(path.parent) + (_image_dirs(Path(root).expanduser()) if root else [])
+    return from_entries(_dataset_name("csv", path), csv_entries(path), dirs, split)
 
 
 # --- registry ----------------------------------------------------------------------------------
