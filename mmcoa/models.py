@@ -545,11 +545,23 @@ class ClipModel(nn.Module):
 
     def fits_context(self, texts: list[str]) -> torch.Tensor:
         """Bool [N]: True where a text fits the text tower's context without truncation."""
+        return self.tokenize_fitting(texts)[1]
+
+    def tokenize_fitting(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [N, context] and bool [N], True where a text fits the context, from one tokenizer
+        pass: the tokens of a text that fits are the first ``context`` of its ``context + 1`` tokens.
+        Texts that do not fit are tokenized again with the tower's own truncation. No warnings: the
+        callers (text attacks scoring candidates) reject what does not fit."""
+        texts = list(texts)
         context = int(self.tokenizer([""]).shape[1])
         if self._pad_id is None:
             self._pad_id = int(self.tokenizer([""])[0, -1])
-        longer = self.tokenizer(list(texts), context_length=context + 1)
-        return (longer[:, context] == self._pad_id).to(self.device)
+        longer = self.tokenizer(texts, context_length=context + 1)
+        fits = longer[:, context] == self._pad_id
+        tokens = longer[:, :context].clone()
+        if not bool(fits.all()):
+            tokens[~fits] = self.tokenizer([t for t, f in zip(texts, fits.tolist()) if not f])
+        return tokens.to(self.device), fits.to(self.device)
 
     def _warn_truncated(self, texts: list[str], context: int) -> None:
         for text in texts:

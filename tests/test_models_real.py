@@ -219,6 +219,16 @@ def test_truncated_text_warns_once_naming_it(caplog):
     assert len(warned) == 1 and repr(too_long) in warned[0], warned
 
 
+def test_tokenize_fitting_matches_the_tokenizer_and_flags_what_does_not_fit(caplog):
+    model = create_model(MICRO)
+    texts = [" ".join(["a"] * 14), " ".join(["a"] * 15) + " coat", "a coat", ""]
+    with caplog.at_level(logging.WARNING):
+        tokens, fits = model.tokenize_fitting(texts)
+    assert fits.tolist() == [True, False, True, True]
+    assert torch.equal(tokens, model.tokenizer(texts))  # the tower's own truncation where it does not fit
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]  # candidates: rejected, not warned
+
+
 # --- the base stage: loaded as it is ------------------------------------------------------------
 
 

@@ -161,21 +161,26 @@ class RetrievalImageObjective:
 
 
 class _TextEncoder:
-    """Encodes candidate strings once each (a batch has many duplicates), without gradients."""
+    """Encodes candidate strings once each (a batch has many duplicates), without gradients.
+
+    Returns the embeddings [N, D] and a bool [N], True where a text fits the text tower's context
+    (one tokenizer pass gives both)."""
 
     def __init__(self, model: ClipModel, normalize: bool = True, batch_size: int = 512):
         self.model, self.normalize, self.batch_size = model, normalize, batch_size
 
     @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         unique = list(dict.fromkeys(texts))
         where = {t: i for i, t in enumerate(unique)}
-        chunks = [
-            self.model.encode_text(self.model.tokenize(unique[i : i + self.batch_size]), normalize=self.normalize)
-            for i in range(0, len(unique), self.batch_size)
-        ]
-        emb = torch.cat(chunks)
-        return emb[torch.tensor([where[t] for t in texts], device=emb.device)]
+        embs, fits = [], []
+        for i in range(0, len(unique), self.batch_size):
+            tokens, fit = self.model.tokenize_fitting(unique[i : i + self.batch_size])
+            embs.append(self.model.encode_text(tokens, normalize=self.normalize))
+            fits.append(fit)
+        emb, fit = torch.cat(embs), torch.cat(fits)
+        index = torch.tensor([where[t] for t in texts], device=emb.device)
+        return emb[index], fit[index]
 
 
 class ZeroShotTextObjective:
@@ -190,14 +195,13 @@ class ZeroShotTextObjective:
         self.encode = _TextEncoder(classifier.model)
 
     def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
-        emb = self.encode(texts)
+        emb, fits = self.encode(texts)
         feats, y = self.image_feats[owners], self.labels[owners]
         with torch.no_grad():
             logits = self.classifier.logits_from_features(feats, emb, y)
         m = margin(logits.float(), y)
         # A candidate longer than the text tower's context would be truncated, which can cut the class
         # name off the prompt: that changes the label, it does not attack the model. Never accept one.
-        fits = self.classifier.model.fits_context(texts)
         m = torch.where(fits, m, torch.full_like(m, -torch.inf))
         return ObjectiveOutput(m, (m > 0) & fits)
 
@@ -213,7 +217,7 @@ class EmbeddingKLObjective:
         self.encode = _TextEncoder(model, normalize=False)
 
     def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
-        adv_logp = F.log_softmax(self.encode(texts).float(), dim=-1)
+        adv_logp = F.log_softmax(self.encode(texts)[0].float(), dim=-1)
         clean_logp = self.clean_logp[owners]
         kl = (clean_logp.exp() * (clean_logp - adv_logp)).sum(-1)
         return ObjectiveOutput(kl)
@@ -233,7 +237,8 @@ class RetrievalTextObjective:
         self.encode = _TextEncoder(model)
 
     def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
-        sims = (self.encode(texts) @ self.image_feats.T).float()
+        emb, fits = self.encode(texts)  # a truncated caption may lose label-carrying words
+        sims = (emb @ self.image_feats.T).float()
         own_idx = self.positives[owners].view(-1, 1)
         own = sims.gather(1, own_idx).squeeze(1)
         k = min(self.k, sims.shape[1] - 1)
@@ -241,6 +246,5 @@ class RetrievalTextObjective:
             return ObjectiveOutput(-own, torch.zeros_like(own, dtype=torch.bool))
         others = sims.scatter(1, own_idx, float("-inf"))
         m = others.topk(k, dim=1).values[:, -1] - own
-        fits = self.model.fits_context(texts)  # a truncated caption may lose label-carrying words
         m = torch.where(fits, m, torch.full_like(m, -torch.inf))
         return ObjectiveOutput(m, (m >= 0) & fits)

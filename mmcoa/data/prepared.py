@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from mmcoa.data.base import DataError, ImageDataset
 
@@ -47,6 +46,8 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     idx = np.arange(len(labels))
     if n >= len(labels):
         return idx
+    from sklearn.model_selection import train_test_split  # imported here: a second of start-up otherwise
+
     chosen, _ = train_test_split(idx, train_size=n, stratify=labels, random_state=seed)
     return np.sort(chosen)
 
