@@ -5,9 +5,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export DVC_NO_ANALYTICS := 1
-# OpenMP keeps its default wait policy here: `dvc repro` runs one stage at a time, and idle threads that
-# spin are ~20% faster on the tiny models than sleeping ones. The tests, which run processes side by
-# side, set OMP_WAIT_POLICY=PASSIVE themselves (tests/conftest.py).
+# OpenMP keeps its default wait policy: `dvc repro` and the tests run one torch process at a time, and
+# threads that spin a moment before sleeping are ~20% faster on the tiny models than sleeping ones. Tests
+# that run processes side by side (DDP ranks, concurrent CLI calls) set OMP_WAIT_POLICY=PASSIVE for them.
 
 .PHONY: repro test bench setup
 

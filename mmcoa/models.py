@@ -45,6 +45,8 @@ from torch import nn
 import open_clip
 from open_clip.factory import _find_checkpoint_in_dir, _get_hf_config, parse_model_name
 
+from mmcoa.registry import Registry
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -174,15 +176,8 @@ class _Resolved:
     weights: Callable[[], Path] | None  # the weights file (fetched on demand); None = random init
 
 
-_RESOLVERS: dict[str, Callable[[ModelRef], _Resolved]] = {}
-
-
-def _resolver(schema: str):
-    def deco(fn: Callable[[ModelRef], _Resolved]):
-        _RESOLVERS[schema] = fn
-        return fn
-
-    return deco
+_RESOLVERS: Registry[Callable[[ModelRef], _Resolved]] = Registry("model reference schema", ModelLoadError)
+_resolver = _RESOLVERS.register  # decorator: how one schema of reference becomes an architecture and weights
 
 
 def _first_line(err: BaseException) -> str:

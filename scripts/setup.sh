@@ -16,19 +16,25 @@ fi
 # Reinstall only when the dependency list changed (a stamp keyed by pyproject.toml and this script).
 stamp="$VENV/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)${EXTRA:+-$EXTRA}"
 if [ ! -f "$stamp" ]; then
-  echo "setup: installing dependencies into $VENV" >&2
-  "$VENV/bin/pip" install --quiet --upgrade pip
+  echo "setup: installing dependencies into $VENV (a few minutes: torch is large)" >&2
+  # -qq: errors only (a machine's index settings can print hundreds of lines of warnings);
+  # editable_mode=compat: the work tree on sys.path through a .pth file, so edits to mmcoa/ and stages/
+  # take effect at once, as DVC's dependency tracking of those folders assumes.
+  pip_install=("$VENV/bin/pip" install -qq --config-settings editable_mode=compat)
   if [ "$EXTRA" = "test" ]; then
-    "$VENV/bin/pip" install --quiet -e ".[test]"
+    "${pip_install[@]}" -e ".[test]"
     # torchattacks is a test oracle; its pinned requests would downgrade what dvc needs, hence --no-deps.
-    "$VENV/bin/pip" install --quiet --no-deps "torchattacks==3.5.1"
+    "$VENV/bin/pip" install -qq --no-deps "torchattacks==3.5.1"
   else
-    "$VENV/bin/pip" install --quiet -e .
+    "${pip_install[@]}" -e .
   fi
   # clip-benchmark ships the field's class names and prompt templates; only its JSON files are used.
-  "$VENV/bin/pip" install --quiet --no-deps "clip-benchmark==1.6.2"
+  "$VENV/bin/pip" install -qq --no-deps "clip-benchmark==1.6.2"
   touch "$stamp"
 fi
+# Byte-compile the project once (Python may be told not to cache it: PYTHONDONTWRITEBYTECODE), so each
+# stage process starts without compiling mmcoa/ and stages/ again; a stale file is recompiled here.
+"$VENV/bin/python" -m compileall -q mmcoa stages >/dev/null
 
 # Fashion-MNIST: Debian's package where it can be installed; otherwise say how to get it.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! -f data/raw/FashionMNIST/raw/train-images-idx3-ubyte ]; then

@@ -26,7 +26,7 @@ from mmcoa.evaluate import (
     suite_from_specs,
 )
 from mmcoa.zeroshot import select_templates
-from mmcoa.models import ClipModel, ModelLoadError, create_model, load_model
+from mmcoa.models import ClipModel, ModelLoadError, create_model
 from mmcoa.config import Params
 from stages.common import PARAMS_OPTION, loader_options, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
 
@@ -37,10 +37,7 @@ def _open_model(name: str, model: str | None, p: Params, device) -> ClipModel:
         if model is None and name in p.evaluate.models:
             spec = p.evaluate.models[name]
             return create_model(spec.arch, spec.pretrained, device=device)
-        ref = model or str(Path("models") / name)
-        if Path(ref).is_dir():
-            return load_model(ref, device)
-        return create_model(ref, None, device=device)
+        return create_model(model or str(Path("models") / name), None, device=device)  # a folder, or any reference
     except ModelLoadError as err:
         raise StageError(str(err)) from None
 

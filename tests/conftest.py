@@ -6,10 +6,7 @@ import copy
 import os
 
 import pytest
-
-# Before torch loads OpenMP: idle threads sleep, so subprocess tests (DDP, DVC) do not starve.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

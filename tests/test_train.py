@@ -63,7 +63,8 @@ def free_port() -> int:
 
 
 def worker_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+    # Idle OpenMP threads sleep: processes side by side on two cores (DDP ranks) do not starve each other.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
     env.pop("WORLD_SIZE", None)
     return env
 

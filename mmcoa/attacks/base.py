@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mmcoa.registry import Registry
+
 
 class AttackParams(BaseModel):
     """Base of each attack's params: immutable, unknown keys rejected."""
@@ -103,33 +105,26 @@ class Attack:
         return f"{type(self).__name__}({args})"
 
 
-_REGISTRY: dict[str, type[Attack]] = {}
+_REGISTRY: Registry[type[Attack]] = Registry("attack", AttackError)
 
 
 def register_attack(name: str):
     """Class decorator: register an :class:`Attack` subclass under ``name``."""
 
     def deco(cls: type[Attack]) -> type[Attack]:
-        if name in _REGISTRY:
-            raise ValueError(f"attack '{name}' registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return _REGISTRY.register(name)(cls)
 
     return deco
 
 
 def create_attack(name: str, **params: Any) -> Attack:
-    if name not in _REGISTRY:
-        raise AttackError(f"unknown attack '{name}'; registered: {', '.join(list_attacks())}")
     return _REGISTRY[name](**params)
 
 
 def list_attacks(kind: str | None = None) -> list[str]:
-    return sorted(n for n, c in _REGISTRY.items() if kind is None or c.kind == kind)
+    return [n for n, c in _REGISTRY.items() if kind is None or c.kind == kind]
 
 
 def attack_class(name: str) -> type[Attack]:
-    if name not in _REGISTRY:
-        raise AttackError(f"unknown attack '{name}'; registered: {', '.join(list_attacks())}")
     return _REGISTRY[name]

@@ -28,11 +28,13 @@ import random
 import re
 import zlib
 from functools import lru_cache
-from itertools import product
-from typing import Any, Callable, Sequence
+from itertools import islice, product
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from mmcoa.registry import Registry
 
 Request = tuple[tuple[str, ...], int]  # (words of the text, index of the word to replace)
 Accept = Callable[[str, str], bool]  # accept(original word, candidate) -> keep?
@@ -201,30 +203,22 @@ class CandidateSource:
         return set()
 
 
+def first_accepted(word: str, ranked: Iterable[str], k: int, accept: Accept) -> list[str]:
+    """The first ``k`` candidates of ``ranked`` (best first) that ``accept(word, candidate)`` keeps."""
+    return list(islice((c for c in ranked if accept(word, c)), k))
+
+
 # A registry of sources: name -> factory(options) where options carries the attack's params
 # (``cos_threshold``, ``mlm_name``, ``seed``; each factory reads the ones it needs).
-_SOURCES: dict[str, Callable[[Any], CandidateSource]] = {}
-
-
-def register_source(name: str):
-    """Decorator: register a factory ``options -> CandidateSource`` under ``name``."""
-
-    def deco(factory: Callable[[Any], CandidateSource]):
-        if name in _SOURCES:
-            raise ValueError(f"candidate source '{name}' registered twice")
-        _SOURCES[name] = factory
-        return factory
-
-    return deco
+_SOURCES: Registry[Callable[[Any], CandidateSource]] = Registry("candidate source")
+register_source = _SOURCES.register  # decorator: a factory ``options -> CandidateSource`` under a name
 
 
 def list_sources() -> list[str]:
-    return sorted(_SOURCES)
+    return _SOURCES.names()
 
 
 def create_source(name: str, options: Any = None) -> CandidateSource:
-    if name not in _SOURCES:
-        raise ValueError(f"unknown candidate source '{name}'; registered: {', '.join(list_sources())}")
     return _SOURCES[name](options)
 
 
@@ -385,16 +379,10 @@ class MaskedLMCandidates(CandidateSource):
                 wanted.setdefault(tuple(words), set()).add(j)
         if wanted:
             self._rank(list(wanted), wanted, k)  # one batched forward per ``batch_size`` unique texts
-        out = []
-        for words, j in requests:
-            keep: list[str] = []
-            for cand, _ in self._cache[(tuple(words), j, k)]:
-                if len(keep) >= k:
-                    break
-                if accept(words[j], cand):
-                    keep.append(cand)
-            out.append(keep)
-        return out
+        return [
+            first_accepted(words[j], (c for c, _ in self._cache[(tuple(words), j, k)]), k, accept)
+            for words, j in requests
+        ]
 
 
 def _join_pieces(pieces: list[str]) -> str | None:
@@ -475,16 +463,7 @@ class WordNetSynonyms(CandidateSource):
         return {s for name in synonyms(word) for s in [name, *name.split()]}
 
     def propose(self, requests: Sequence[Request], k: int, accept: Accept) -> list[list[str]]:
-        out = []
-        for words, j in requests:
-            keep: list[str] = []
-            for cand in self.ranked(words[j]):
-                if len(keep) >= k:
-                    break
-                if accept(words[j], cand):
-                    keep.append(cand)
-            out.append(keep)
-        return out
+        return [first_accepted(words[j], self.ranked(words[j]), k, accept) for words, j in requests]
 
 
 def _option(options: Any, name: str, default: Any) -> Any:

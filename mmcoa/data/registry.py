@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from mmcoa.data.base import DataError, ImageDataset
+from mmcoa.registry import Registry
 from mmcoa.data.prepared import PreparedDataset, load_prepared, prepare, stratified_indices  # noqa: F401  (re-exported)
 
 ON_CORRUPT = ("skip", "fail")
@@ -47,49 +48,25 @@ class DatasetSpec:
         return self.offline or self.folder(root).exists()
 
 
-_REGISTRY: dict[str, Callable[[], DatasetSpec]] = {}
-_SCHEMES: dict[str, Callable[[str], DatasetSpec]] = {}
-
-
-def register_dataset(name: str):
-    """Decorator: register a zero-argument factory returning a :class:`DatasetSpec` under ``name``."""
-
-    def deco(factory: Callable[[], DatasetSpec]):
-        if name in _REGISTRY:
-            raise ValueError(f"dataset '{name}' is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def register_scheme(scheme: str):
-    """Decorator: register ``scheme:ARG`` names; the factory maps ARG to a :class:`DatasetSpec`."""
-
-    def deco(factory: Callable[[str], DatasetSpec]):
-        if scheme in _SCHEMES:
-            raise ValueError(f"dataset scheme '{scheme}:' is already registered")
-        _SCHEMES[scheme] = factory
-        return factory
-
-    return deco
+# name -> zero-argument factory of a DatasetSpec; scheme -> factory mapping ARG of ``scheme:ARG`` to one
+_REGISTRY: Registry[Callable[[], DatasetSpec]] = Registry("dataset", DataError)
+_SCHEMES: Registry[Callable[[str], DatasetSpec]] = Registry("dataset scheme", DataError)
+register_dataset = _REGISTRY.register
+register_scheme = _SCHEMES.register
 
 
 def list_datasets() -> list[str]:
     """Registered dataset names (schemes such as ``folder:PATH`` are listed by :func:`list_schemes`)."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def list_schemes() -> list[str]:
-    return sorted(_SCHEMES)
+    return _SCHEMES.names()
 
 
 def parse_dataset_name(name: str) -> tuple[str | None, str]:
     """(scheme, argument) for ``scheme:ARG`` names, (None, name) for registered names."""
-    scheme, sep, arg = name.partition(":")
-    if sep and scheme in _SCHEMES:
-        return scheme, arg
-    return None, name
+    return _SCHEMES.split_scheme(name)
 
 
 def is_dataset(name: str) -> bool:

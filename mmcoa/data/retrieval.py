@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmcoa.data.registry import DataError, default_root
+from mmcoa.registry import Registry
 
 
 def read_image_file(path: Path) -> torch.Tensor:
@@ -305,36 +306,21 @@ def read_retrieval_csv(path: str | Path, split: str = "test", root: str | Path |
 # --- registry ----------------------------------------------------------------------------------
 
 Opener = Callable[[str, "Path | None"], RetrievalDataset]
-_REGISTRY: dict[str, Opener] = {}
+_REGISTRY: Registry[Opener] = Registry("retrieval dataset", DataError)
+register_retrieval = _REGISTRY.register  # decorator: ``opener(split, root) -> RetrievalDataset`` under a name
 # Names with a scheme carry their file: ``retrieval-json:PATH`` (parsed once, as open_clip parses hf-hub:).
-_SCHEMES: dict[str, Callable[[str, str, "Path | None"], RetrievalDataset]] = {
-    "retrieval-json": read_retrieval_json,
-    "retrieval-csv": read_retrieval_csv,
-}
-
-
-def register_retrieval(name: str):
-    """Decorator: register ``opener(split, root) -> RetrievalDataset`` under ``name``."""
-
-    def deco(opener: Opener) -> Opener:
-        if name in _REGISTRY:
-            raise ValueError(f"retrieval dataset '{name}' registered twice")
-        _REGISTRY[name] = opener
-        return opener
-
-    return deco
+_SCHEMES: Registry[Callable[[str, str, "Path | None"], RetrievalDataset]] = Registry("retrieval scheme", DataError)
+_SCHEMES.register("retrieval-json")(read_retrieval_json)
+_SCHEMES.register("retrieval-csv")(read_retrieval_csv)
 
 
 def list_retrieval_datasets() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def parse_retrieval_name(name: str) -> tuple[str | None, str]:
     """``retrieval-json:PATH`` -> ("retrieval-json", PATH); a registered name -> (None, name)."""
-    scheme, sep, rest = name.partition(":")
-    if sep and scheme in _SCHEMES:
-        return scheme, rest
-    return None, name
+    return _SCHEMES.split_scheme(name)
 
 
 def is_retrieval_dataset(name: str) -> bool:

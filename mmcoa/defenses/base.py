@@ -23,6 +23,7 @@ from mmcoa.attacks import create_attack
 from mmcoa.attacks.image import ImageAttack
 from mmcoa.config import ImageAttackParams, TextAttackParams
 from mmcoa.models import ClipModel
+from mmcoa.registry import Registry
 
 
 @dataclass
@@ -95,31 +96,28 @@ class Defense:
         return emb[torch.tensor([where[t] for t in texts], device=emb.device)]
 
 
-_REGISTRY: dict[str, type[Defense]] = {}
+_REGISTRY: Registry[type[Defense]] = Registry("defense")
 
 
 def register_defense(name: str):
+    """Class decorator: register a :class:`Defense` subclass under ``name``."""
+
     def deco(cls: type[Defense]) -> type[Defense]:
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return _REGISTRY.register(name)(cls)
 
     return deco
 
 
 def list_defenses() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def create_defense(name: str, model: ClipModel, ctx: DefenseContext) -> Defense:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown defense '{name}'; registered: {', '.join(list_defenses())}")
     return _REGISTRY[name](model, ctx)
 
 
 def defense_class(name: str) -> type[Defense]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown defense '{name}'; registered: {', '.join(list_defenses())}")
     return _REGISTRY[name]
 
 

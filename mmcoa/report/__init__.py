@@ -1,0 +1,34 @@
+"""Turn evaluation results into the report a reviewer can check: tables with 95% intervals, the
+worst case per attack family, paired tests behind every finding, flat metrics and figures.
+
+Input: one :class:`Evaluation` per (model, dataset), built by :func:`load_evaluation` from the dicts
+of an evaluation's ``result.json`` and ``outcomes.json`` (per-sample 0/1 outcomes per attack).
+Every number the report states is read or derived from them; a comparison is stated as a finding
+only when an exact McNemar test on the same samples rejects equality at 5%.
+Nothing here reads pipeline files or knows about the terminal.
+
+Modules: ``collection`` (the evaluations, checked), ``format`` (how numbers are written), ``metrics``
+(DVC's metrics files), ``findings`` (paired tests, threat models trained on, gradient-masking flags),
+``markdown`` (report and README summary), ``seeds`` (spread across seeds), ``figures`` (matplotlib,
+imported only when a figure is drawn).
+"""
+
+from __future__ import annotations
+
+from mmcoa.report.collection import ALPHA, BLACK_BOX, Collection, Evaluation, FAMILY_ORDER, HEADLINE, LABELS, MODEL_ORDER, RETRIEVAL_COLUMNS, ReportError, label, load_evaluation, worst_name  # noqa: F401
+from mmcoa.report.format import budget, cell, p_text, pct  # noqa: F401
+from mmcoa.report.metrics import flat_metrics, headline_metrics, sweep_rows  # noqa: F401
+from mmcoa.report.findings import Comparison, compare, finding, findings_markdown, masking_flags, masking_markdown, no_difference, pairs, scopes, trained_status, training_markdown, unpaired  # noqa: F401
+from mmcoa.report.markdown import accuracy_table, reference_findings, render_markdown, render_summary, retrieval_markdown, retrieval_summary, splice_summary  # noqa: F401
+from mmcoa.report.seeds import Run, seed_runs, seeds_markdown  # noqa: F401
+
+_FIGURES = ('overview_columns', 'save_accuracy_figure', 'save_examples_figure', 'save_overview_figure', 'save_sweep_figure')
+
+
+def __getattr__(name: str):
+    """Figure functions load matplotlib on first use: a report without figures never imports it."""
+    if name in _FIGURES:
+        from mmcoa.report import figures
+
+        return getattr(figures, name)
+    raise AttributeError(name)
