@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -189,7 +190,7 @@ def throughput_pass(ds, model, size, prompts, workers, steps) -> dict:
     for _ in range(REPEATS):
         for _ in range(2 * max(1, workers)):  # prefetched while the model ran: not the loader's speed
             next(stream)
-        loader.append(rate(lambda: next(stream), WINDOW))
+        loader.append(rate(partial(next, stream), WINDOW))
         with torch.no_grad():
             model.eval()
             forward.append(rate(lambda: model.encode_image(x), 4))

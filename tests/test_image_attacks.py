@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmcoa.attacks import AttackError, create_attack, list_attacks
 from mmcoa.attacks.apgd import checkpoints

@@ -212,7 +212,7 @@ def test_retrieval_intervals_and_paired_tests(tmp_path):
     assert run_report(tmp_path, tmp_path / "out").exit_code == 0
     md = (tmp_path / "out" / "report.md").read_text()
     lo, hi = wilson_interval(90, 200)
-    assert f"| MMCoA | text | 30.0 " in md and f"45.0 [{100 * lo:.1f}, {100 * hi:.1f}]" in md
+    assert "| MMCoA | text | 30.0 " in md and f"45.0 [{100 * lo:.1f}, {100 * hi:.1f}]" in md
     assert "- MMCoA > base (no defense): +20.0 points (45.0% vs 25.0%)" in md.split("**text (T->I R@1) on coco**")[1]
 
 
