@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import AsLogits, accuracy, first_test_images
 
 from mmcoa.attacks import AttackError, create_attack, list_attacks
 from mmcoa.attacks.apgd import checkpoints
@@ -22,13 +23,7 @@ N = 200
 
 @pytest.fixture
 def batch(fmnist):
-    _, test_set = fmnist
-    return test_set.float_images(slice(0, N)), test_set.labels[:N]
-
-
-def accuracy(classifier, images, labels) -> float:
-    """Top-1 accuracy in percent."""
-    return 100.0 * (predict(classifier, images) == labels).float().mean().item()
+    return first_test_images(fmnist, N)
 
 
 def correct(classifier, images, labels) -> torch.Tensor:
@@ -126,17 +121,6 @@ def test_large_eps_drives_accuracy_to_chance(classifier, batch):
 # --- against the oracle and each other --------------------------------------------------------
 
 
-class _Logits(torch.nn.Module):
-    """torchattacks wants a module images -> logits."""
-
-    def __init__(self, classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, images):
-        return self.classifier(images)
-
-
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_pgd_at_least_as_strong_as_torchattacks(norm, classifier, batch):
     import torchattacks
@@ -144,10 +128,10 @@ def test_pgd_at_least_as_strong_as_torchattacks(norm, classifier, batch):
     x, y = batch
     if norm == "linf":
         ours = create_attack("pgd", eps_255=2, step_255=0.5, steps=10)
-        ref = torchattacks.PGD(_Logits(classifier), eps=2 / 255, alpha=0.5 / 255, steps=10, random_start=True)
+        ref = torchattacks.PGD(AsLogits(classifier), eps=2 / 255, alpha=0.5 / 255, steps=10, random_start=True)
     else:
         ours = create_attack("pgd", norm="l2", eps=0.25, step=0.0625, steps=10)
-        ref = torchattacks.PGDL2(_Logits(classifier), eps=0.25, alpha=0.0625, steps=10, random_start=True)
+        ref = torchattacks.PGDL2(AsLogits(classifier), eps=0.25, alpha=0.0625, steps=10, random_start=True)
     torch.manual_seed(0)  # both draw their random start from the global RNG
     acc_ours = accuracy(classifier, ours.perturb(x, ZeroShotImageObjective(classifier, y)), y)
     torch.manual_seed(0)
@@ -175,7 +159,7 @@ def test_apgd_ce_matches_torchattacks_apgd(classifier, batch):
     x, y = batch
     objective = ZeroShotImageObjective(classifier, y)
     ours = create_attack("apgd_ce", eps_255=3, seed=0).perturb(x, objective, early_exit=True)
-    ref = torchattacks.APGD(_Logits(classifier), eps=3 / 255, steps=100, loss="ce", n_restarts=1, seed=0)(x, y)
+    ref = torchattacks.APGD(AsLogits(classifier), eps=3 / 255, steps=100, loss="ce", n_restarts=1, seed=0)(x, y)
     # Different random starts: allow one sample either way (200 samples).
     assert accuracy(classifier, ours, y) <= accuracy(classifier, ref, y) + 0.5
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import AsLogits, accuracy, first_test_images
 
 from mmcoa.attacks import AttackError, create_attack
 from mmcoa.attacks.objectives import EmbeddingDistanceObjective, ZeroShotImageObjective
 from mmcoa.attacks.square import l2_pattern, p_schedule, square_side
-from mmcoa.zeroshot import predict
 
 N = 150
 QUERIES = 300
@@ -16,21 +16,7 @@ QUERIES = 300
 
 @pytest.fixture
 def batch(fmnist):
-    _, test_set = fmnist
-    return test_set.float_images(slice(0, N)), test_set.labels[:N]
-
-
-def accuracy(classifier, images, labels) -> float:
-    return 100.0 * (predict(classifier, images) == labels).float().mean().item()
-
-
-class _Logits(torch.nn.Module):
-    def __init__(self, classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, images):
-        return self.classifier(images)
+    return first_test_images(fmnist, N)
 
 
 class Counting:
@@ -75,10 +61,10 @@ def test_square_budget_queries_no_gradients_and_oracle(norm, classifier, batch):
     for seed in SEEDS:
         if norm == "linf":
             ours = create_attack("square", eps_255=8, n_queries=QUERIES, seed=seed)
-            ref = torchattacks.Square(_Logits(classifier), norm="Linf", eps=8 / 255, n_queries=QUERIES, seed=seed)
+            ref = torchattacks.Square(AsLogits(classifier), norm="Linf", eps=8 / 255, n_queries=QUERIES, seed=seed)
         else:
             ours = create_attack("square", norm="l2", eps=1.0, n_queries=QUERIES, seed=seed)
-            ref = torchattacks.Square(_Logits(classifier), norm="L2", eps=1.0, n_queries=QUERIES, seed=seed)
+            ref = torchattacks.Square(AsLogits(classifier), norm="L2", eps=1.0, n_queries=QUERIES, seed=seed)
         objective = Counting(ZeroShotImageObjective(classifier, y))
         adv = ours.perturb(x, objective)
 
