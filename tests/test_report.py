@@ -31,6 +31,7 @@ from mmcoa.report import (
     seeds_markdown,
     splice_summary,
     trained_status,
+    transfer_markdown,
 )
 from mmcoa.stats import accuracy_interval, holm, mean_interval, paired_test, spread, wilson_interval
 from stages.cli import app
@@ -189,6 +190,24 @@ def test_worst_case_heldout_average_and_headline(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["tecoa.digits.text_char.acc"] == col.get("tecoa", "digits").acc("text_char")
     assert "base.coco.clean.i2t_r1" in metrics
+
+
+def test_transfer_section_answers_per_defense_with_paired_tests(tmp_path):
+    """A defense robust on the fine-tuning set (text +40 points) that loses clean accuracy on the held-out
+    set (-30 points, all discordant one way) and is indistinguishable there under text (5 discordant)."""
+    n = 200
+    nested = lambda k: [1] * k + [0] * (n - k)  # noqa: E731  (nested outcomes: every discordant pair one way)
+    write_eval(tmp_path, "base", "fm", {"clean": nested(150), "text": nested(60)}, role="finetune")
+    write_eval(tmp_path, "mmcoa", "fm", {"clean": nested(150), "text": nested(140)}, role="finetune")
+    write_eval(tmp_path, "base", "digits", {"clean": nested(180), "text": nested(100)})
+    write_eval(tmp_path, "mmcoa", "digits", {"clean": nested(120), "text": nested(95)})
+    lines = transfer_markdown(load_all(tmp_path))
+    table = [line for line in lines if line.startswith("| MMCoA")]
+    assert table == ["| MMCoA | fm (fine-tuning) | +0.0 | +40.0* |", "| MMCoA | digits | -30.0* | -2.5 |"]
+    assert ("- MMCoA: on fm above the base under text; on digits below it under clean." in lines)
+    assert run_report(tmp_path, tmp_path / "out").exit_code == 0
+    assert "## Does robustness transfer?" in (tmp_path / "out" / "report.md").read_text()
+    assert "- MMCoA: on fm above the base under text" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def write_retrieval(root: Path, model: str, i2t: list[int], t2i: list[int]) -> None:

@@ -15,11 +15,47 @@ imported only when a figure is drawn).
 
 from __future__ import annotations
 
-from mmcoa.report.collection import ALPHA, BLACK_BOX, Collection, Evaluation, FAMILY_ORDER, HEADLINE, LABELS, MODEL_ORDER, RETRIEVAL_COLUMNS, ReportError, label, load_evaluation, worst_name  # noqa: F401
+from mmcoa.report.collection import (  # noqa: F401
+    ALPHA,
+    BLACK_BOX,
+    Collection,
+    Evaluation,
+    FAMILY_ORDER,
+    HEADLINE,
+    LABELS,
+    MODEL_ORDER,
+    RETRIEVAL_COLUMNS,
+    ReportError,
+    label,
+    load_evaluation,
+    worst_name,
+)
 from mmcoa.report.format import budget, cell, p_text, pct  # noqa: F401
 from mmcoa.report.metrics import flat_metrics, headline_metrics, sweep_rows  # noqa: F401
-from mmcoa.report.findings import Comparison, compare, finding, findings_markdown, masking_flags, masking_markdown, no_difference, pairs, scopes, trained_status, training_markdown, unpaired  # noqa: F401
-from mmcoa.report.markdown import accuracy_table, reference_findings, render_markdown, render_summary, retrieval_markdown, retrieval_summary, splice_summary  # noqa: F401
+from mmcoa.report.findings import (  # noqa: F401
+    Comparison,
+    compare,
+    finding,
+    findings_markdown,
+    masking_flags,
+    masking_markdown,
+    no_difference,
+    pairs,
+    scopes,
+    trained_status,
+    training_markdown,
+    transfer_markdown,
+    unpaired,
+)
+from mmcoa.report.markdown import (  # noqa: F401
+    accuracy_table,
+    reference_findings,
+    render_markdown,
+    render_summary,
+    retrieval_markdown,
+    retrieval_summary,
+    splice_summary,
+)
 from mmcoa.report.seeds import Run, seed_runs, seeds_markdown  # noqa: F401
 
 _FIGURES = ('overview_columns', 'save_accuracy_figure', 'save_examples_figure', 'save_overview_figure', 'save_sweep_figure')

@@ -238,3 +238,57 @@ def masking_markdown(col: Collection) -> list[str]:
            f"evaluations{'' if black else ' (no black-box attack in the suite)'}. Eps sweep (accuracy must not rise "
            f"with eps and must reach chance): checked in {sweeps} of {len(cls)} evaluations.", ""]
     return out
+
+
+# --- does robustness transfer? ----------------------------------------------------------------
+
+
+def _delta(c: Comparison | None) -> str:
+    """A difference against the base in points, starred where McNemar holds at 5%."""
+    if c is None:
+        return "n/a"
+    return f"{100 * c.diff:+.1f}{'*' if c.significant else ''}"
+
+
+def _verdict(cs: list[Comparison], scope: str) -> str:
+    """What the significant differences of one scope say, attack by attack."""
+    up = [c.attack.split(" (")[0] for c in cs if c.significant and c.diff > 0]
+    down = [c.attack.split(" (")[0] for c in cs if c.significant and c.diff < 0]
+    parts = ([f"above the base under {', '.join(up)}"] if up else []) + ([f"below it under {', '.join(down)}"] if down else [])
+    return f"on {scope} " + (" and ".join(parts) if parts else "not distinguishable from the base")
+
+
+def _row_and_attack(c: Comparison) -> tuple[str, str]:
+    """("fmnist_pairs I->T R@1", "image") for a retrieval comparison, ("digits", "image") otherwise."""
+    attack, _, direction = c.attack.partition(" (")
+    return (f"{c.scope} {direction.rstrip(')')}" if direction else c.scope), attack
+
+
+def transfer_markdown(col: Collection, comparisons: list[Comparison] | None = None) -> list[str]:
+    """The paper's question per defense: does the robustness gained on the fine-tuning set carry over to
+    the held-out sets and to retrieval, and at what clean cost? Differences against the base (points,
+    paired on the same samples; * where exact McNemar holds at 5%), then one generated sentence each."""
+    comparisons = compare(col) if comparisons is None else comparisons
+    cells: dict[tuple[str, str, str], Comparison] = {}
+    for c in comparisons:
+        if c.b == "base":
+            row, attack = _row_and_attack(c)
+            cells[(c.a, row, attack)] = c
+    defenses = list(dict.fromkeys(m for m, _, _ in cells))
+    rows = list(dict.fromkeys(r for _, r, _ in cells))
+    attacks = [a for a in HEADLINE if any(a == k[2] for k in cells)]
+    if not cells:
+        return []
+    role = {d: " (fine-tuning)" for d in col.finetune}
+    out = ["Difference against the base in points, on the same samples (* where an exact McNemar test holds "
+           "at 5%); retrieval in R@1 per direction.", "",
+           "| defense | set | " + " | ".join(attacks) + " |", "|---|---|" + "---:|" * len(attacks)]
+    for m in defenses:
+        for r in rows:
+            out.append(f"| {label(m)} | {r}{role.get(r, '')} | "
+                       + " | ".join(_delta(cells.get((m, r, a))) for a in attacks) + " |")
+    out.append("")
+    for m in defenses:
+        verdicts = [_verdict([c for (mm, rr, _), c in cells.items() if mm == m and rr == r], r) for r in rows]
+        out.append(f"- {label(m)}: " + "; ".join(verdicts) + ".")
+    return out + [""]

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from mmcoa.report.collection import Collection, HEADLINE, RETRIEVAL_COLUMNS, ReportError, label, worst_name
 from mmcoa.report.format import cell, p_text, pct, budget
-from mmcoa.report.findings import Comparison, compare, findings_markdown, masking_markdown, training_markdown, unpaired
+from mmcoa.report.findings import (
+    Comparison,
+    compare,
+    findings_markdown,
+    masking_markdown,
+    training_markdown,
+    transfer_markdown,
+    unpaired,
+)
 
 
 def _dataset_header(col: Collection, d: str) -> str:
@@ -101,8 +109,11 @@ def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] |
     out += masking_markdown(col)
     if any(e.result.get("sweep") for e in col.evals) and "sweep" in figures:
         out += ["## Robust accuracy against eps", "", f"![eps sweep]({figures['sweep']})", ""]
-    out += ["## Findings", ""]
     comparisons = compare(col)
+    transfer = transfer_markdown(col, comparisons)
+    if transfer:
+        out += ["## Does robustness transfer?", "", *transfer]
+    out += ["## Findings", ""]
     out += findings_markdown(comparisons) if comparisons else [
         "No paired per-sample outcomes were found, so no comparison is stated.", ""]
     skipped = unpaired(col)
@@ -148,6 +159,10 @@ def render_summary(col: Collection, reference: str = "mmcoa") -> str:
                "if it survives every attack of the family.")
     out += ["", "Threat models: " + "; ".join(f"{a}: {budget(col.threat(a))}" for a in HEADLINE[1:] if col.threat(a)) + ".", ""]
     out += retrieval_summary(col)
+    transfer = transfer_markdown(col)
+    if transfer:
+        out += ["Does robustness transfer beyond the fine-tuning set, and at what clean cost? " + transfer[0], "",
+                *transfer[2:]]
     out += reference_findings(col, reference)
     return "\n".join(out)
 
