@@ -157,3 +157,15 @@ def test_attack_list_and_cli_help(tmp_path):
     for name in ("pgd", "word", "multimodal"):
         assert name in res.stdout
     assert "finetune" in run(["mmcoa", "--help"], tmp_path).stdout
+
+
+def test_a_command_imports_only_its_own_module():
+    """Start-up: `mmcoa fetch-eval` loads neither open_clip nor scikit-learn nor matplotlib, which would
+    cost each stage process seconds it does not need."""
+    code = ("import sys; from stages.cli import build_app; build_app(['fetch-eval']); "
+            "print(sorted(m for m in ('open_clip', 'sklearn', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    code = code.replace("['fetch-eval']", "None")  # every command (as `mmcoa --help` builds it): the probe sees them
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "'open_clip'" in out.stdout and "'matplotlib'" in out.stdout, out.stdout
