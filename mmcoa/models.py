@@ -482,6 +482,7 @@ class ClipModel(nn.Module):
         self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, -1, 1, 1), persistent=False)
         size = self.clip.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self._context: int | None = None
         self._pad_id: int | None = None
         self._length_checked: set[str] = set()
         self._truncation_warnings = 0
@@ -531,16 +532,18 @@ class ClipModel(nn.Module):
         """Token ids [N, context]; a text longer than the context is truncated, with a warning naming it."""
         texts = list(texts)
         tokens = self.tokenizer(texts)
-        if self._pad_id is None:
-            self._pad_id = int(self.tokenizer([""])[0, -1])
-        full = (tokens[:, -1] != self._pad_id).tolist()  # only a text that fills the context can be cut
+        pad = self._context_and_pad()[1]
+        full = (tokens[:, -1] != pad).tolist()  # only a text that fills the context can be cut
         if any(full):
             self._warn_truncated([t for t, f in zip(texts, full) if f], tokens.shape[1])
         return tokens.to(self.device)
 
-    def fits_context(self, texts: list[str]) -> torch.Tensor:
-        """Bool [N]: True where a text fits the text tower's context without truncation."""
-        return self.tokenize_fitting(texts)[1]
+    def _context_and_pad(self) -> tuple[int, int]:
+        """The text context length and the padding id, read off the tokenizer once."""
+        if self._pad_id is None:
+            empty = self.tokenizer([""])
+            self._context, self._pad_id = int(empty.shape[1]), int(empty[0, -1])
+        return self._context, self._pad_id
 
     def tokenize_fitting(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [N, context] and bool [N], True where a text fits the context, from one tokenizer
@@ -548,11 +551,9 @@ class ClipModel(nn.Module):
         Texts that do not fit are tokenized again with the tower's own truncation. No warnings: the
         callers (text attacks scoring candidates) reject what does not fit."""
         texts = list(texts)
-        context = int(self.tokenizer([""]).shape[1])
-        if self._pad_id is None:
-            self._pad_id = int(self.tokenizer([""])[0, -1])
+        context, pad = self._context_and_pad()
         longer = self.tokenizer(texts, context_length=context + 1)
-        fits = longer[:, context] == self._pad_id
+        fits = longer[:, context] == pad
         tokens = longer[:, :context].clone()
         if not bool(fits.all()):
             tokens[~fits] = self.tokenizer([t for t, f in zip(texts, fits.tolist()) if not f])

@@ -62,9 +62,13 @@ TINY_CHANGES = {  # on top of the repo's params.yaml: DVC needs every key that d
 TINY = _merged(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_CHANGES)
 
 
+def cli_env(**extra: str) -> dict:
+    """The environment of a `mmcoa` or `dvc` call: this venv first, offline, no analytics."""
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
 def run(args, cwd, check=True, **kw):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    out = subprocess.run(args, cwd=cwd, env=cli_env(), capture_output=True, text=True, **kw)
     if check and out.returncode != 0:
         raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out
@@ -134,8 +138,7 @@ def test_bad_params_exit_2_and_write_nothing(tmp_path):
     # also through finetune), all at once, since each run is mostly start-up time.
     fetch = ["fetch", "--out", str(tmp_path / "out")]
     finetune = ["finetune", "--method", "mmcoa", "--out", str(tmp_path / "out")]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-           "OMP_WAIT_POLICY": "PASSIVE"}  # seven processes on two cores: idle threads sleep
+    env = cli_env(OMP_WAIT_POLICY="PASSIVE")  # seven processes on two cores: idle threads sleep
     started = []
     for i, (label, (tree, key)) in enumerate(cases.items()):
         path = tmp_path / f"{label.replace(' ', '_')}.yaml"

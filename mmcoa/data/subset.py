@@ -112,8 +112,9 @@ def write_retrieval_subset(dataset, n_images: int, seed: int, out_dir: str | Pat
     for i in chosen:
         image, _ = dataset[i]
         h.update(image.numpy().tobytes())
-    meta = {"dataset": dataset.name, "name": name or dataset.name, "source": source or dataset.name, "split": getattr(dataset, "split", "test"), "task": "retrieval",
-            "indices": chosen, "n": len(chosen), "content_sha256": h.hexdigest()}
+    meta = {"dataset": dataset.name, "name": name or dataset.name, "source": source or dataset.name,
+            "split": getattr(dataset, "split", "test"), "task": "retrieval", "indices": chosen, "n": len(chosen),
+            "content_sha256": h.hexdigest()}
     (out_dir / MANIFEST).write_text(json.dumps(meta, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     return meta
 

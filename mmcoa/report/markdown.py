@@ -159,11 +159,11 @@ def render_summary(col: Collection, reference: str = "mmcoa") -> str:
                "if it survives every attack of the family.")
     out += ["", "Threat models: " + "; ".join(f"{a}: {budget(col.threat(a))}" for a in HEADLINE[1:] if col.threat(a)) + ".", ""]
     out += retrieval_summary(col)
-    transfer = transfer_markdown(col)
+    comparisons = compare(col)
+    transfer = transfer_markdown(col, comparisons)
     if transfer:
-        out += ["Does robustness transfer beyond the fine-tuning set, and at what clean cost? " + transfer[0], "",
-                *transfer[2:]]
-    out += reference_findings(col, reference)
+        out += ["Does robustness transfer beyond the fine-tuning set, and at what clean cost? " + transfer[0], *transfer[1:]]
+    out += reference_findings(comparisons, reference)
     return "\n".join(out)
 
 
@@ -182,10 +182,10 @@ def retrieval_summary(col: Collection) -> list[str]:
     return out
 
 
-def reference_findings(col: Collection, reference: str) -> list[str]:
+def reference_findings(comparisons: list[Comparison], reference: str) -> list[str]:
     """One line per (scope, attack): where ``reference`` is significantly above or below each other model."""
     groups: dict[tuple[str, str], list[Comparison]] = {}
-    for c in compare(col):
+    for c in comparisons:
         if reference in (c.a, c.b):
             groups.setdefault((c.scope, c.attack), []).append(c)
     if not groups:
