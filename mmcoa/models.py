@@ -592,6 +592,16 @@ class ClipModel(nn.Module):
         return [p for n, p in self.clip.named_parameters() if tower_of(n) == tower]
 
 
+def distinct(texts: list[str]) -> tuple[list[str], torch.Tensor]:
+    """The distinct texts in first-seen order, and per input text its row among them (long [N]).
+
+    Batches of captions and of candidate prompts repeat many texts: encoding each distinct text once
+    and indexing the rows is what keeps text encoding cheap."""
+    unique = list(dict.fromkeys(texts))
+    row = {t: i for i, t in enumerate(unique)}
+    return unique, torch.tensor([row[t] for t in texts], dtype=torch.long)
+
+
 def tower_of(param_name: str) -> str:
     """Which tower a parameter name of an open_clip CLIP belongs to."""
     if param_name.startswith("visual."):

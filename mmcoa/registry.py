@@ -32,6 +32,15 @@ class Registry(Generic[T]):
 
         return add
 
+    def register_named(self, name: str) -> Callable[[T], T]:
+        """Decorator for classes that know their registered name: sets ``entry.name``, then registers."""
+
+        def add(entry: T) -> T:
+            entry.name = name  # type: ignore[attr-defined]
+            return self.register(name)(entry)
+
+        return add
+
     def __getitem__(self, name: str) -> T:
         if name not in self._entries:
             raise self.error(f"unknown {self.kind} '{name}'; registered: {', '.join(self.names())}")

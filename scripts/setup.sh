@@ -16,6 +16,16 @@ fi
 # Reinstall only when the dependency list changed (a stamp keyed by pyproject.toml and this script).
 stamp="$VENV/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)${EXTRA:+-$EXTRA}"
 if [ ! -f "$stamp" ]; then
+  # The pinned torch is a CUDA build: the whole stack takes ~6.4 GB. Say so before pip runs out of disk
+  # halfway through with a bare OSError (what is installed already counts).
+  have_kb=$(du -sk "$VENV" | cut -f1)
+  free_kb=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+  short_kb=$((6600 * 1024 - have_kb - free_kb))
+  if [ "$short_kb" -gt 0 ]; then
+    echo "setup: $VENV needs about 6.5 GB of disk for torch and the rest of the stack;" \
+         "free $((short_kb / 1024 + 1)) MB more on that disk and run this again." >&2
+    exit 2
+  fi
   echo "setup: installing dependencies into $VENV (a few minutes: torch is large)" >&2
   # -qq: errors only (a machine's index settings can print hundreds of lines of warnings);
   # editable_mode=compat: the work tree on sys.path through a .pth file, so edits to mmcoa/ and stages/

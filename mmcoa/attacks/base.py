@@ -110,12 +110,7 @@ _REGISTRY: Registry[type[Attack]] = Registry("attack", AttackError)
 
 def register_attack(name: str):
     """Class decorator: register an :class:`Attack` subclass under ``name``."""
-
-    def deco(cls: type[Attack]) -> type[Attack]:
-        cls.name = name
-        return _REGISTRY.register(name)(cls)
-
-    return deco
+    return _REGISTRY.register_named(name)
 
 
 def create_attack(name: str, **params: Any) -> Attack:

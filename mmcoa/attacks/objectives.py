@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcoa.attacks.base import ObjectiveOutput
-from mmcoa.models import ClipModel
+from mmcoa.models import ClipModel, distinct
 from mmcoa.zeroshot import ZeroShotClassifier, class_embeddings
 
 # --- losses on logits ------------------------------------------------------------------------
@@ -171,16 +171,15 @@ class _TextEncoder:
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        unique = list(dict.fromkeys(texts))
-        where = {t: i for i, t in enumerate(unique)}
+        unique, rows = distinct(texts)
         embs, fits = [], []
         for i in range(0, len(unique), self.batch_size):
             tokens, fit = self.model.tokenize_fitting(unique[i : i + self.batch_size])
             embs.append(self.model.encode_text(tokens, normalize=self.normalize))
             fits.append(fit)
         emb, fit = torch.cat(embs), torch.cat(fits)
-        index = torch.tensor([where[t] for t in texts], device=emb.device)
-        return emb[index], fit[index]
+        rows = rows.to(emb.device)
+        return emb[rows], fit[rows]
 
 
 class ZeroShotTextObjective:

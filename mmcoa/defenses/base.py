@@ -22,7 +22,7 @@ from mmcoa import distributed as dist
 from mmcoa.attacks import create_attack
 from mmcoa.attacks.image import ImageAttack
 from mmcoa.config import ImageAttackParams, TextAttackParams
-from mmcoa.models import ClipModel
+from mmcoa.models import ClipModel, distinct
 from mmcoa.registry import Registry
 
 
@@ -90,10 +90,9 @@ class Defense:
 
     def encode_captions(self, model: ClipModel, texts: list[str]) -> torch.Tensor:
         """Unit-norm embeddings of per-sample captions, each distinct caption encoded once."""
-        unique = list(dict.fromkeys(texts))
+        unique, rows = distinct(texts)
         emb = model.encode_text(model.tokenize(unique))
-        where = {t: i for i, t in enumerate(unique)}
-        return emb[torch.tensor([where[t] for t in texts], device=emb.device)]
+        return emb[rows.to(emb.device)]
 
 
 _REGISTRY: Registry[type[Defense]] = Registry("defense")
@@ -101,12 +100,7 @@ _REGISTRY: Registry[type[Defense]] = Registry("defense")
 
 def register_defense(name: str):
     """Class decorator: register a :class:`Defense` subclass under ``name``."""
-
-    def deco(cls: type[Defense]) -> type[Defense]:
-        cls.name = name
-        return _REGISTRY.register(name)(cls)
-
-    return deco
+    return _REGISTRY.register_named(name)
 
 
 def list_defenses() -> list[str]:
