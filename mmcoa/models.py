@@ -34,6 +34,7 @@ import os
 import pickle
 import re
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -590,6 +591,15 @@ class ClipModel(nn.Module):
     def tower_parameters(self, tower: str) -> list[nn.Parameter]:
         """Parameters of ``image``, ``text`` or ``scale`` (logit scale/bias)."""
         return [p for n, p in self.clip.named_parameters() if tower_of(n) == tower]
+
+
+def frozen_copy(model: ClipModel) -> ClipModel:
+    """An independent copy in eval mode with every parameter frozen (a reference the training of
+    ``model`` cannot move, as PMG-AFT and FARE need)."""
+    frozen = deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
 
 
 def distinct(texts: list[str]) -> tuple[list[str], torch.Tensor]:

@@ -26,7 +26,8 @@ import json
 import math
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from functools import partial
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -66,6 +67,11 @@ class TrainConfig:
     amp: bool = True
     compile: bool = False
     seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: Any, seed: int) -> TrainConfig:
+        """The loop's settings from a params block that names them alike (``finetune``), and the run's seed."""
+        return cls(seed=seed, **{f.name: getattr(params, f.name) for f in fields(cls) if f.name != "seed"})
 
 
 def params_hash(*parts: Any) -> str:
@@ -112,29 +118,37 @@ def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: flo
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# Adam's weight_decay is L2 in the gradient (the authors' choice); AdamW decouples it.
+_OPTIMIZERS: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
+    "adam": lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps),
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9),
+}
+
+# After warm-up: the factor of the learning rate at ``done`` of ``span`` steps.
+_SCHEDULES: dict[str, Callable[[int, int], float]] = {
+    "constant": lambda done, span: 1.0,
+    "cosine": lambda done, span: 0.5 * (1 + math.cos(math.pi * done / span)),
+}
+
+
 def build_optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer not in ("adam", "adamw", "sgd"):
-        raise ValueError(f"unknown optimizer '{cfg.optimizer}'; use adam, adamw or sgd")
-    groups = _decay_groups(named, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # Adam's weight_decay is L2 in the gradient (the authors' choice); AdamW decouples it.
-    return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.optimizer not in _OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{cfg.optimizer}'; use {', '.join(_OPTIMIZERS)}")
+    return _OPTIMIZERS[cfg.optimizer](_decay_groups(named, cfg.weight_decay), cfg)
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     """Linear warm-up over ``warmup_steps``, then constant or cosine decay to zero at ``steps``."""
-    if cfg.schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown schedule '{cfg.schedule}'; use constant or cosine")
+    if cfg.schedule not in _SCHEDULES:
+        raise ValueError(f"unknown schedule '{cfg.schedule}'; use {', '.join(_SCHEDULES)}")
+    decay = _SCHEDULES[cfg.schedule]
 
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "cosine":
-            span = max(cfg.steps - cfg.warmup_steps, 1)
-            return 0.5 * (1 + math.cos(math.pi * min(step - cfg.warmup_steps, span) / span))
-        return 1.0
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        return decay(min(step - cfg.warmup_steps, span), span)
 
     return f
 
@@ -188,6 +202,115 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def _check_batch_size(cfg: TrainConfig, world: int, n_data: int) -> None:
+    if cfg.batch_size % (world * cfg.accum_steps):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} must divide by world size x accum_steps = {world * cfg.accum_steps}"
+        )
+    if n_data < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n_data} samples)")
+
+
+def _trainable(model: ClipModel, defense: Defense) -> list[tuple[str, torch.nn.Parameter]]:
+    """Freeze every parameter outside the towers the defense trains (no grads, no optimiser state);
+    return the trainable ones with their names."""
+    trainable = []
+    for name, p in model.clip.named_parameters():
+        p.requires_grad_(tower_of(name.replace(COMPILE_PREFIX, "")) in defense.trains)
+        if p.requires_grad:
+            trainable.append((name, p))
+    return trainable
+
+
+class _Checkpoint:
+    """The run's ``last.pt``: resume from it, write it atomically, and say in a divergence message
+    which good checkpoint is kept. ``path`` None: no checkpoints (nothing is written or read)."""
+
+    def __init__(self, path: Path | None, run_hash: str, world: int):
+        self.path, self.run_hash, self.world = path, run_hash, world
+        self.saved_at: int | None = None
+
+    def resume(self, model: ClipModel, optimizer, scheduler) -> tuple[int, list[dict]]:
+        """Load weights, optimiser, schedule, RNG and history of this run's checkpoint, if any;
+        return (steps done, history)."""
+        if self.path is None or not self.path.is_file():
+            return 0, []
+        state = torch.load(self.path, map_location=model.device, weights_only=True)
+        if state.get("run_hash") != self.run_hash:
+            raise CheckpointMismatch(
+                f"{self.path} was written by a run with other params (hash {state.get('run_hash')} != "
+                f"{self.run_hash}); delete it to start over, or restore the params it was made with"
+            )
+        _plain(model.clip).load_state_dict(clean_state_dict(state["model"]))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.saved_at = int(state["step"])
+        return self.saved_at, json.loads(state["history"])
+
+    def save(self, step: int, model: ClipModel, optimizer, scheduler, history: list[dict], params) -> None:
+        """Write the state after ``step`` (rank 0 writes; every rank records it as saved), never
+        over a good checkpoint with broken weights."""
+        if self.path is None:
+            return
+        if not all_finite(params):
+            raise self.diverged("a weight is NaN or inf", step)
+        if dist.is_main():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(self.path, {
+                "model": clean_state_dict(model.clip.state_dict()), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
+                "run_hash": self.run_hash, "world_size": self.world, "history": json.dumps(history),
+            })
+        self.saved_at = step
+
+    def diverged(self, what: str, step: int) -> TrainingDiverged:
+        kept = f"{self.path} (step {self.saved_at})" if self.saved_at is not None else "none (no checkpoint written yet)"
+        return TrainingDiverged(
+            f"{what} at step {step}; stopped. Last good checkpoint kept: {kept}. "
+            "Lower the learning rate, enable grad_clip, or check the data."
+        )
+
+
+def _accumulate(
+    model: ClipModel, defense: Defense, images: torch.Tensor, labels: torch.Tensor, micro: int,
+    accum_steps: int, autocast: Callable[[], Any], diverged: Callable[[str], TrainingDiverged],
+) -> dict[str, float]:
+    """Back-propagate the defense's loss over ``accum_steps`` micro-batches of this rank's batch;
+    return the loss logs averaged over them. A non-finite loss on any rank stops every rank."""
+    logs: dict[str, float] = {}
+    for k in range(accum_steps):
+        x = images[k * micro : (k + 1) * micro].to(model.device)
+        y = labels[k * micro : (k + 1) * micro].to(model.device)
+        with autocast():
+            out = defense.loss(model, x, y)  # attacks inside touch no parameter .grad
+        loss = out.loss.float() / accum_steps
+        bad = not bool(torch.isfinite(loss))
+        if dist.all_reduce_any(bad, model.device):
+            raise diverged(f"the loss is {out.loss.item()}" if bad else "the loss is NaN or inf on another rank")
+        loss.backward()
+        logs = {key: logs.get(key, 0.0) + v / accum_steps for key, v in out.logs.items()}
+    return logs
+
+
+def _apply_gradients(
+    params: list[torch.nn.Parameter], optimizer, scheduler, cfg: TrainConfig,
+    diverged: Callable[[str], TrainingDiverged],
+) -> dict[str, float]:
+    """Average gradients across ranks, refuse non-finite ones, clip, step optimiser and schedule;
+    return the step's ``grad_norm`` (when clipping) and ``lr``."""
+    dist.average_gradients(params)
+    if not all_finite([p.grad for p in params if p.grad is not None]):  # identical on every rank now
+        raise diverged("a gradient is NaN or inf")
+    logs = {}
+    if cfg.grad_clip:
+        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    optimizer.step()
+    scheduler.step()
+    logs["lr"] = scheduler.get_last_lr()[0]
+    return logs
+
+
 def train(
     model: ClipModel,
     defense: Defense,
@@ -210,70 +333,20 @@ def train(
     :class:`CheckpointMismatch`). A non-finite loss, gradient or weight raises
     :class:`TrainingDiverged` and leaves the last good checkpoint in place.
     """
-    device = model.device
     world, rank = dist.world_size(), dist.rank()
-    if cfg.batch_size % (world * cfg.accum_steps):
-        raise ValueError(
-            f"batch_size {cfg.batch_size} must divide by world size x accum_steps = {world * cfg.accum_steps}"
-        )
-    if len(data) < cfg.batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(data)} samples)")
-
-    # Which towers train is the defense's choice; the rest is frozen (no grads, no optimiser state).
-    trainable = []
-    for name, p in model.clip.named_parameters():
-        p.requires_grad_(tower_of(name.replace(COMPILE_PREFIX, "")) in defense.trains)
-        if p.requires_grad:
-            trainable.append((name, p))
+    _check_batch_size(cfg, world, len(data))
+    trainable = _trainable(model, defense)
     params = [p for _, p in trainable]
     optimizer = build_optimizer(trainable, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model.eval()  # CLIP towers have no dropout or batch norm; the attack sees the trained function
-    trains_scale = "scale" in defense.trains
-
-    use_amp = cfg.amp and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
-
-    # Resume: weights, optimiser, schedule, RNG and history of the last checkpoint of this run.
-    start, history, saved_at = 0, [], None
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        if state.get("run_hash") != run_hash:
-            raise CheckpointMismatch(
-                f"{ckpt} was written by a run with other params (hash {state.get('run_hash')} != {run_hash}); "
-                "delete it to start over, or restore the params it was made with"
-            )
-        _plain(model.clip).load_state_dict(clean_state_dict(state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start, history, saved_at = int(state["step"]), json.loads(state["history"]), int(state["step"])
+    ckpt = _Checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None, run_hash, world)
+    start, history = ckpt.resume(model, optimizer, scheduler)
     dist.broadcast_module(model.clip)  # replicas start identical, whatever each rank loaded
-    if cfg.compile and device.type == "cuda":
+    if cfg.compile and model.device.type == "cuda":
         compile_towers(model)
-
-    def diverged(what: str, step: int) -> TrainingDiverged:
-        kept = f"{ckpt} (step {saved_at})" if saved_at is not None else "none (no checkpoint written yet)"
-        return TrainingDiverged(
-            f"{what} at step {step}; stopped. Last good checkpoint kept: {kept}. "
-            "Lower the learning rate, enable grad_clip, or check the data."
-        )
-
-    def checkpoint(step: int) -> None:
-        nonlocal saved_at
-        if ckpt is None:
-            return
-        if not all_finite(params):  # never overwrite a good checkpoint with broken weights
-            raise diverged("a weight is NaN or inf", step)
-        if dist.is_main():
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic(ckpt, {
-                "model": clean_state_dict(model.clip.state_dict()), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
-                "run_hash": run_hash, "world_size": world, "history": json.dumps(history),
-            })
-        saved_at = step
+    use_amp = cfg.amp and model.device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
     micro = cfg.batch_size // (world * cfg.accum_steps)
     local_size = micro * cfg.accum_steps
@@ -283,37 +356,19 @@ def train(
         return idx[rank * local_size : (rank + 1) * local_size].tolist()
 
     stream = (batches or in_memory_batches(data))(local_batch(s) for s in range(start, cfg.steps))
-    for step, (step_images, step_labels, _) in zip(range(start, cfg.steps), stream):
+    for step, (images, labels, _) in zip(range(start, cfg.steps), stream):
         n = step + 1  # steps are counted from 1 in logs, checkpoints and messages
+        diverged = partial(ckpt.diverged, step=n)
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
-        for k in range(cfg.accum_steps):
-            images = step_images[k * micro : (k + 1) * micro].to(device)
-            labels = step_labels[k * micro : (k + 1) * micro].to(device)
-            with autocast():
-                out = defense.loss(model, images, labels)  # attacks inside touch no parameter .grad
-            loss = out.loss.float() / cfg.accum_steps
-            bad = not bool(torch.isfinite(loss))
-            if dist.all_reduce_any(bad, device):
-                raise diverged(f"the loss is {out.loss.item()}" if bad else "the loss is NaN or inf on another rank", n)
-            loss.backward()
-            logs = {key: logs.get(key, 0.0) + v / cfg.accum_steps for key, v in out.logs.items()}
-        dist.average_gradients(params)
-        grads = [p.grad for p in params if p.grad is not None]
-        if not all_finite(grads):  # identical on every rank after averaging
-            raise diverged("a gradient is NaN or inf", n)
-        if cfg.grad_clip:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        optimizer.step()
-        scheduler.step()
-        if trains_scale:
+        logs = _accumulate(model, defense, images, labels, micro, cfg.accum_steps, autocast, diverged)
+        logs.update(_apply_gradients(params, optimizer, scheduler, cfg, diverged))
+        if "scale" in defense.trains:
             with torch.no_grad():
                 model.clip.logit_scale.clamp_(max=math.log(cfg.logit_scale_max))
-        logs["lr"] = scheduler.get_last_lr()[0]
         history.append({"step": n, **logs})
         if on_step is not None:
             on_step(n, logs)
         if n % cfg.checkpoint_every == 0 or n == cfg.steps:
-            checkpoint(n)
+            ckpt.save(n, model, optimizer, scheduler, history, params)
     return history

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import shutil
 from pathlib import Path
 
 import typer
 
+from mmcoa import distributed as dist
 from mmcoa.data import DataError
 from mmcoa.data.subset import open_subset, subset_batches
 from mmcoa.defenses import DefenseContext, create_defense, defense_class
-from mmcoa.models import load_model, save_model
+from mmcoa.models import frozen_copy, load_model, save_model
 from mmcoa.train import CheckpointMismatch, TrainConfig, TrainingDiverged, params_hash, train
 from stages.common import PARAMS_OPTION, loader_options, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
 
@@ -51,21 +51,11 @@ def finetune(
     except DataError as err:
         raise StageError(str(err)) from None
     model = load_model(base, device)
-    original = None
-    if cls.needs_original:
-        original = copy.deepcopy(model).eval()
-        for prm in original.parameters():
-            prm.requires_grad_(False)
     ctx = DefenseContext(
         train_set.classnames, f.template or train_set.templates[0], f.image_attack, f.text_attack,
-        f.logit_scale_max, f.same_class_targets, original, dict(f.options),
+        f.logit_scale_max, f.same_class_targets, frozen_copy(model) if cls.needs_original else None, dict(f.options),
     )
-    cfg = TrainConfig(
-        steps=f.steps, batch_size=f.batch_size, lr=f.lr, optimizer=f.optimizer, betas=f.betas, eps=f.eps,
-        weight_decay=f.weight_decay, schedule=f.schedule, warmup_steps=f.warmup_steps, grad_clip=f.grad_clip,
-        accum_steps=f.accum_steps, logit_scale_max=f.logit_scale_max, checkpoint_every=f.checkpoint_every,
-        amp=f.amp, compile=f.compile, seed=p.seed,
-    )
+    cfg = TrainConfig.from_params(f, p.seed)
     run_hash = params_hash(method, f.model_dump(mode="json"), p.seed, _file_hash(base / "open_clip_model.safetensors"))
     ckpt_dir = checkpoint_dir or Path("checkpoints") / f"{method}-{run_hash}"
     defense = create_defense(method, model, ctx)
@@ -79,8 +69,6 @@ def finetune(
         raise StageError(str(err)) from None
     except TrainingDiverged as err:
         raise StageError(f"training diverged: {err}", code=1) from None
-    from mmcoa import distributed as dist
-
     if dist.is_main():
         with atomic_dir(out) as tmp:
             save_model(model, tmp)

@@ -22,6 +22,7 @@ same as without. Gradients come from ``torch.autograd.grad`` with respect to the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
@@ -44,6 +45,135 @@ def checkpoints(n_iter: int) -> list[int]:
     return sorted({math.ceil(round(q * n_iter, 6)) for q in p[1:]} - {0})
 
 
+def _evaluate(objective: ImageObjective, x: torch.Tensor, rows: torch.Tensor, need_grad: bool):
+    """The objective's loss [m], its gradient with respect to ``x`` (None unless ``need_grad``) and fooled mask."""
+    if not need_grad:
+        with torch.no_grad():
+            out = objective(x, rows)
+        return out.loss.detach(), None, out.fooled
+    x.requires_grad_(True)
+    out = objective(x, rows)
+    (grad,) = torch.autograd.grad(out.loss.sum(), x)
+    x.requires_grad_(False)
+    return out.loss.detach(), grad, out.fooled
+
+
+@dataclass
+class _APGDState:
+    """Per-sample state of one APGD run, one row per sample still in the batch.
+
+    ``rows``: the samples' rows in the objective's batch; ``pos``: their positions in the output.
+    ``increases`` counts the steps that raised the loss since the last checkpoint; ``f_best_at_ckpt``
+    and ``halved_at_ckpt`` are the best loss and the halving decision at the last checkpoint.
+    """
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    ball: Ball
+    x: torch.Tensor
+    x_prev: torch.Tensor
+    grad: torch.Tensor | None
+    x_best: torch.Tensor
+    g_best: torch.Tensor | None
+    f_best: torch.Tensor
+    f_prev: torch.Tensor
+    eta: torch.Tensor
+    increases: torch.Tensor
+    f_best_at_ckpt: torch.Tensor
+    halved_at_ckpt: torch.Tensor
+
+    @classmethod
+    def begin(
+        cls, x: torch.Tensor, rows: torch.Tensor, ball: Ball, loss: torch.Tensor, grad: torch.Tensor | None, eps: float
+    ) -> _APGDState:
+        """The state at the starting point ``x``: it is the best and previous point, the step is 2 * eps."""
+        m = len(rows)
+        f_best = loss.clone()
+        return cls(
+            rows=rows,
+            pos=torch.arange(m, device=x.device),
+            ball=ball,
+            x=x,
+            x_prev=x,
+            grad=grad,
+            x_best=x.clone(),
+            g_best=grad.clone() if grad is not None else None,
+            f_best=f_best,
+            f_prev=loss,
+            eta=torch.full((m,) + (1,) * (x.ndim - 1), 2.0 * eps, dtype=x.dtype, device=x.device),
+            increases=torch.zeros(m, dtype=torch.int32, device=x.device),
+            f_best_at_ckpt=f_best.clone(),
+            halved_at_ckpt=torch.zeros(m, dtype=torch.bool, device=x.device),
+        )
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows in ``keep`` (a mask), in place."""
+        self.rows, self.pos, self.ball = self.rows[keep], self.pos[keep], self.ball.select(keep)
+        self.x, self.x_prev, self.grad = self.x[keep], self.x_prev[keep], self.grad[keep]
+        self.x_best, self.g_best, self.f_best = self.x_best[keep], self.g_best[keep], self.f_best[keep]
+        self.f_prev, self.eta, self.increases = self.f_prev[keep], self.eta[keep], self.increases[keep]
+        self.f_best_at_ckpt, self.halved_at_ckpt = self.f_best_at_ckpt[keep], self.halved_at_ckpt[keep]
+
+    def step(self, momentum: bool) -> None:
+        """Move to the next iterate: the projected gradient step, mixed with the previous step if ``momentum``."""
+        z = self.ball.project_(self.ball.ascent_(self.x.clone(), self.grad, self.eta))
+        if momentum:
+            z.sub_(self.x).mul_(ALPHA).add_(self.x - self.x_prev, alpha=1.0 - ALPHA).add_(self.x)
+            self.ball.project_(z)
+        self.x_prev, self.x = self.x, z
+
+    def record_best(self, loss: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """Take the loss (and gradient) at the current iterate: count increases, keep the best point."""
+        self.grad = grad
+        self.increases += loss > self.f_prev
+        better = loss > self.f_best
+        self.x_best[better] = self.x[better]
+        if grad is not None:
+            self.g_best[better] = grad[better]
+        self.f_best = torch.where(better, loss, self.f_best)
+        self.f_prev = loss
+
+    def checkpoint(self, window: int) -> None:
+        """At a checkpoint ``window`` steps after the last one: halve the step where condition 1 or 2
+        holds, and restart those samples from their best point (with its gradient and loss)."""
+        halve = (self.increases < RHO * window) | (~self.halved_at_ckpt & (self.f_best <= self.f_best_at_ckpt))
+        if halve.any():
+            at = halve.view(-1, *([1] * (self.x.ndim - 1)))
+            self.eta = torch.where(at, self.eta / 2, self.eta)
+            self.x = torch.where(at, self.x_best, self.x)
+            self.grad = torch.where(at, self.g_best, self.grad)
+            self.f_prev = torch.where(halve, self.f_best, self.f_prev)
+        self.halved_at_ckpt, self.f_best_at_ckpt = halve, self.f_best.clone()
+        self.increases.zero_()
+
+
+def _record_fooled(state: _APGDState, fools: FoolTracker, fooled: torch.Tensor, may_exit: bool) -> bool:
+    """Record the samples the current iterate fools; with ``may_exit`` newly fooled ones leave the
+    batch (a few stay as passengers, see ``survivors``). False once no unfooled sample is left."""
+    new = fools.record(state.pos, fooled, state.x)
+    if not (may_exit and new.any()):
+        return True
+    live = ~fools.ever[state.pos]
+    if not live.any():
+        return False
+    keep = survivors(live)
+    if keep is not None:
+        state.select(keep)
+    return True
+
+
+def _outcome(state: _APGDState, fools: FoolTracker, has_mask: bool):
+    """``apgd_run``'s return values: per sample its first fooling iterate, else its best point."""
+    best_loss = torch.full((fools.n,), float("inf"), dtype=state.f_best.dtype, device=state.f_best.device)
+    best_loss[state.pos] = state.f_best
+    if fools.x is None:  # nothing fooled, so nothing left: x_best is in output order
+        return state.x_best, (fools.ever if has_mask else None), best_loss
+    out = fools.x
+    keep_best = ~fools.ever[state.pos]
+    out[state.pos[keep_best]] = state.x_best[keep_best]
+    return out, fools.ever, best_loss
+
+
 def apgd_run(
     objective: ImageObjective,
     x_nat: torch.Tensor,
@@ -63,100 +193,31 @@ def apgd_run(
         images [m, C, H, W] (first fooling iterate, else the best-loss one), fooled [m] (None when
         the objective has no fooled mask), best loss [m] (+inf for samples that left early).
     """
-    m = len(rows)
-    pos = torch.arange(m, device=x_nat.device)  # position of each active sample in the output
     ball = Ball(x_nat, norm, eps)
     fools = FoolTracker(x_nat)
+    ckpts = checkpoints(steps)
+    windows = {w: w - prev for prev, w in zip([0] + ckpts, ckpts)}  # checkpoint -> steps since the last one
 
-    def evaluate(x: torch.Tensor, idx: torch.Tensor, need_grad: bool):
-        if not need_grad:
-            with torch.no_grad():
-                out = objective(x, idx)
-            return out.loss.detach(), None, out.fooled
-        x.requires_grad_(True)
-        out = objective(x, idx)
-        (grad,) = torch.autograd.grad(out.loss.sum(), x)
-        x.requires_grad_(False)
-        return out.loss.detach(), grad, out.fooled
-
-    x = start
-    loss, grad, fooled = evaluate(x, rows, steps > 0)
+    loss, grad, fooled = _evaluate(objective, start, rows, steps > 0)
     has_mask = fooled is not None
     with torch.no_grad():
-        x_prev = x
-        x_best, g_best = x.clone(), (grad.clone() if grad is not None else None)
-        f_best, f_prev = loss.clone(), loss
-        eta = torch.full((m,) + (1,) * (x.ndim - 1), 2.0 * eps, dtype=x.dtype, device=x.device)
-        increases = torch.zeros(m, dtype=torch.int32, device=x.device)
-        f_best_at_ckpt = f_best.clone()
-        halved_at_ckpt = torch.zeros(m, dtype=torch.bool, device=x.device)
-        last_ckpt, ckpts = 0, set(checkpoints(steps))
+        state = _APGDState.begin(start, rows, ball, loss, grad, eps)
+        running = not has_mask or _record_fooled(state, fools, fooled, early_exit and steps > 0)
 
-        def leave(keep: torch.Tensor):
-            nonlocal rows, pos, ball, x, x_prev, grad, x_best, g_best, f_best, f_prev, eta
-            nonlocal increases, f_best_at_ckpt, halved_at_ckpt
-            rows, pos, ball = rows[keep], pos[keep], ball.select(keep)
-            x, x_prev, grad = x[keep], x_prev[keep], grad[keep]
-            x_best, g_best, f_best, f_prev, eta = x_best[keep], g_best[keep], f_best[keep], f_prev[keep], eta[keep]
-            increases, f_best_at_ckpt, halved_at_ckpt = increases[keep], f_best_at_ckpt[keep], halved_at_ckpt[keep]
-
-        def exit_fooled() -> bool:
-            """Drop fooled samples (keeping a few passengers, see ``survivors``); False if none is left."""
-            live = ~fools.ever[pos]
-            if not live.any():
-                return False
-            keep = survivors(live)
-            if keep is not None:
-                leave(keep)
-            return True
-
-        if has_mask:
-            new = fools.record(pos, fooled, x)
-            if early_exit and steps > 0 and new.any() and not exit_fooled():
-                steps = 0
-
-    for k in range(steps):
-        with torch.no_grad():
-            z = ball.project_(ball.ascent_(x.clone(), grad, eta))
-            if k > 0:  # momentum; the first step is the plain projected gradient step
-                z.sub_(x).mul_(ALPHA).add_(x - x_prev, alpha=1.0 - ALPHA).add_(x)
-                ball.project_(z)
-            x_prev, x = x, z
+    for k in range(steps if running else 0):
         final = k == steps - 1
-        loss, grad, fooled = evaluate(x, rows, not final)  # the last iterate needs no gradient
         with torch.no_grad():
-            increases += loss > f_prev
-            better = loss > f_best
-            x_best[better] = x[better]
-            if grad is not None:
-                g_best[better] = grad[better]
-            f_best = torch.where(better, loss, f_best)
-            f_prev = loss
-            if has_mask:
-                new = fools.record(pos, fooled, x)
-                if early_exit and not final and new.any() and not exit_fooled():
-                    break
-            if k + 1 in ckpts and not final:
-                halve = (increases < RHO * (k + 1 - last_ckpt)) | (~halved_at_ckpt & (f_best <= f_best_at_ckpt))
-                if halve.any():
-                    at = halve.view(-1, *([1] * (x.ndim - 1)))
-                    eta = torch.where(at, eta / 2, eta)
-                    x = torch.where(at, x_best, x)  # restart from the best point, with its gradient
-                    grad = torch.where(at, g_best, grad)
-                    f_prev = torch.where(halve, f_best, f_prev)
-                halved_at_ckpt, f_best_at_ckpt = halve, f_best.clone()
-                increases.zero_()
-                last_ckpt = k + 1
+            state.step(momentum=k > 0)  # the first step is the plain projected gradient step
+        loss, grad, fooled = _evaluate(objective, state.x, state.rows, not final)  # the last needs no gradient
+        with torch.no_grad():
+            state.record_best(loss, grad)
+            if has_mask and not _record_fooled(state, fools, fooled, early_exit and not final):
+                break
+            if k + 1 in windows and not final:
+                state.checkpoint(windows[k + 1])
 
     with torch.no_grad():
-        best_loss = torch.full((m,), float("inf"), dtype=f_best.dtype, device=f_best.device)
-        best_loss[pos] = f_best
-        if fools.x is None:  # nothing fooled, so nothing left: x_best is in output order
-            return x_best, (fools.ever if has_mask else None), best_loss
-        out = fools.x
-        keep_best = ~fools.ever[pos]
-        out[pos[keep_best]] = x_best[keep_best]
-        return out, fools.ever, best_loss
+        return _outcome(state, fools, has_mask)
 
 
 # --- the attacks ------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -140,8 +140,17 @@ def protected_words(protected: Iterable[str] | None) -> frozenset[str]:
 # --- the engine ------------------------------------------------------------------------------
 
 
+_Request = tuple[tuple[str, ...], int]  # (the words the candidates are computed from, position)
+_Edit = tuple[int, int, str, int]  # (sample, position, new word, new total cost)
+_Scored = tuple[float, bool, str, int]  # (loss, fooled, new word, new total cost)
+
+
 @dataclass
 class _State:
+    """One sample's walk: its current words, loss and cost, the positions left in this pass, and the
+    look-ahead (the best edit that would use the last unit of budget, applied when the walk ends)."""
+
+    doc: Words
     cores: list[str]
     loss: float
     queue: list[int]
@@ -152,6 +161,62 @@ class _State:
     look: list[str] | None = None
     look_loss: float = float("-inf")
     done: bool = False
+
+    def next_request(self, original_context: bool) -> _Request:
+        """Take the next position; candidates come from the original or the current words."""
+        j = self.queue.pop(0)
+        words = self.doc.cores if original_context else self.cores
+        return tuple(words), j
+
+    def edits(self, j: int, cands: list[str], cost: Callable[[str, str], int], budget: int,
+              restore_case: bool) -> Iterator[tuple[str, int, str]]:
+        """(new word, new total cost, text) for each distinct candidate at ``j`` that changes the word
+        and stays within the budget (the cost of a word is counted against its original form)."""
+        current, orig = self.cores[j], self.doc.cores[j]
+        base = self.cost - cost(orig, current)
+        seen = set()
+        for cand in cands:
+            new = match_case(current, cand) if restore_case else cand
+            if new == current or new in seen:
+                continue
+            new_cost = base + cost(orig, new)
+            if new_cost > budget:
+                continue
+            seen.add(new)
+            cores = list(self.cores)
+            cores[j] = new
+            yield new, new_cost, self.doc.render(cores)
+
+    def update(self, j: int, best: _Scored | None, budget: int, passes: int) -> None:
+        """Apply this round's best edit ``(loss, fooled, new word, new cost)`` at ``j``, if any: a fooling
+        edit ends the walk; an improving one is committed, or kept aside if it uses the last unit of
+        budget. Then end the pass when its positions are used up."""
+        if best is not None:
+            value, is_fooled, new, new_cost = best
+            if is_fooled:
+                self.cores[j], self.cost, self.loss, self.done = new, new_cost, value, True
+                return
+            if value > self.loss and value > self.look_loss:
+                if new_cost >= budget:
+                    self.look = list(self.cores)
+                    self.look[j] = new
+                    self.look_loss = value
+                else:
+                    self.cores[j], self.cost, self.loss = new, new_cost, value
+                    self.look, self.look_loss, self.changed_in_pass = None, float("-inf"), True
+        if not self.queue:
+            self.end_pass(passes, budget)
+
+    def end_pass(self, passes: int, budget: int) -> None:
+        """Walk the positions again if passes and budget remain and the pass changed something;
+        otherwise finish, applying the look-ahead if one was kept."""
+        self.passes_done += 1
+        if self.passes_done < passes and self.changed_in_pass and self.cost < budget:
+            self.queue, self.changed_in_pass = list(self.order), False
+        else:
+            if self.look is not None:
+                self.cores = self.look
+            self.done = True
 
 
 @dataclass
@@ -171,6 +236,65 @@ def _score(objective: TextObjective, texts: list[str], owners: list[int], stats:
     loss = out.loss.detach().float().cpu().tolist()
     fooled = [False] * len(texts) if out.fooled is None else out.fooled.detach().cpu().bool().tolist()
     return loss, fooled
+
+
+def _rank_positions(positions: list[int], masked_loss: list[float], max_positions: int | None) -> list[int]:
+    """Editable positions by decreasing loss with the word masked (ties in text order), at most
+    ``max_positions``: the clean loss is the same for every position, so this is importance order."""
+    order = [j for _, _, j in sorted(zip((-v for v in masked_loss), range(len(masked_loss)), positions))]
+    return order[:max_positions] if max_positions else order
+
+
+def _initial_states(texts: list[str], objective: TextObjective, editable: Callable[[str], bool],
+                    max_positions: int | None, stats: EngineStats) -> list[_State]:
+    """Round 0: score the clean texts and every single-word [UNK] mask in ONE call, and start each
+    sample's walk over its positions in importance order (done at once if fooled or nothing to edit)."""
+    docs = [Words(t) for t in texts]
+    positions = [[j for j, w in enumerate(d.cores) if editable(w)] for d in docs]
+    call, owners = list(texts), list(range(len(texts)))
+    for i, d in enumerate(docs):
+        for j in positions[i]:
+            call.append(d.replaced(j, MASK))
+            owners.append(i)
+    loss, fooled = _score(objective, call, owners, stats)
+    states, at = [], len(texts)
+    for i, d in enumerate(docs):
+        order = _rank_positions(positions[i], loss[at : at + len(positions[i])], max_positions)
+        at += len(positions[i])
+        states.append(_State(d, list(d.cores), loss[i], list(order), order, done=fooled[i] or not order))
+    return states
+
+
+def _propose(source: CandidateSource, requests: list[_Request], k: int,
+             accept: Callable[[str, str], bool]) -> dict[_Request, list[str]]:
+    """Candidates per request, asking the source once per distinct request (in first-seen order)."""
+    unique = list(dict.fromkeys(requests))
+    return dict(zip(unique, source.propose(unique, k, accept)))
+
+
+def _expand_candidates(states: list[_State], active: list[int], requests: list[_Request],
+                       proposed: dict[_Request, list[str]], cost: Callable[[str, str], int], budget: int,
+                       restore_case: bool) -> tuple[list[str], list[int], list[_Edit]]:
+    """The round's texts to score, their owners, and the edit behind each, sample by sample."""
+    call, owners, meta = [], [], []
+    for i, req in zip(active, requests):
+        j = req[1]
+        for new, new_cost, text in states[i].edits(j, proposed[req], cost, budget, restore_case):
+            call.append(text)
+            owners.append(i)
+            meta.append((i, j, new, new_cost))
+    return call, owners, meta
+
+
+def _best_per_sample(meta: list[_Edit], loss: list[float], fooled: list[bool]) -> dict[int, _Scored]:
+    """Per sample, the best scored edit as ``(loss, fooled, new word, new cost)``: fooling first, then
+    the highest loss; the first one wins a tie."""
+    best: dict[int, tuple[tuple[bool, float], int]] = {}  # sample -> ((fooled, loss), index into meta)
+    for r, (i, _, _, _) in enumerate(meta):
+        key = (fooled[r], loss[r])
+        if i not in best or key > best[i][0]:
+            best[i] = (key, r)
+    return {i: (loss[r], fooled[r], meta[r][2], meta[r][3]) for i, (_, r) in best.items()}
 
 
 def greedy_substitute(
@@ -205,98 +329,20 @@ def greedy_substitute(
     Returns the adversarial texts, in order.
     """
     stats = stats if stats is not None else EngineStats()
-    n = len(texts)
-    if n == 0 or budget <= 0:
+    if len(texts) == 0 or budget <= 0:
         return list(texts)
-    docs = [Words(t) for t in texts]
-    positions = [[j for j, w in enumerate(d.cores) if editable(w)] for d in docs]
-
-    # Round 0: clean texts and every single-word [UNK] mask, one call.
-    call, owners = list(texts), list(range(n))
-    for i, d in enumerate(docs):
-        for j in positions[i]:
-            call.append(d.replaced(j, MASK))
-            owners.append(i)
-    loss, fooled = _score(objective, call, owners, stats)
-    states: list[_State] = []
-    at = n
-    for i, d in enumerate(docs):
-        imp = loss[at : at + len(positions[i])]
-        at += len(positions[i])
-        order = [j for _, _, j in sorted(zip((-v for v in imp), range(len(imp)), positions[i]))]
-        order = order[:max_positions] if max_positions else order
-        st = _State(list(d.cores), loss[i], list(order), order)
-        st.done = fooled[i] or not order
-        states.append(st)
-
-    while True:
-        active = [i for i in range(n) if not states[i].done]
-        if not active:
-            break
+    states = _initial_states(texts, objective, editable, max_positions, stats)
+    while active := [i for i, st in enumerate(states) if not st.done]:
         stats.rounds += 1
-        requests, where = [], []
-        for i in active:
-            st = states[i]
-            j = st.queue.pop(0)
-            words = docs[i].cores if original_context else st.cores
-            requests.append((tuple(words), j))
-            where.append((i, j))
-        unique = list(dict.fromkeys(requests))
-        proposed = dict(zip(unique, source.propose(unique, k, accept)))
-
-        call, owners, meta = [], [], []  # meta: (sample, position, new word, new cost)
-        for (i, j), req in zip(where, requests):
-            st, orig = states[i], docs[i].cores[j]
-            base = st.cost - cost(orig, st.cores[j])
-            seen = set()
-            for cand in proposed[req]:
-                new = match_case(st.cores[j], cand) if restore_case else cand
-                if new == st.cores[j] or new in seen:
-                    continue
-                new_cost = base + cost(orig, new)
-                if new_cost > budget:
-                    continue
-                seen.add(new)
-                cores = list(st.cores)
-                cores[j] = new
-                call.append(docs[i].render(cores))
-                owners.append(i)
-                meta.append((i, j, new, new_cost))
+        requests = [states[i].next_request(original_context) for i in active]
+        proposed = _propose(source, requests, k, accept)
+        call, owners, meta = _expand_candidates(states, active, requests, proposed, cost, budget, restore_case)
         stats.per_round.append(len(call))
         loss, fooled = _score(objective, call, owners, stats) if call else ([], [])
-
-        best: dict[int, tuple[float, bool, int]] = {}  # sample -> (loss, fooled, index into meta)
-        for r, (i, _, _, _) in enumerate(meta):
-            key = (fooled[r], loss[r])
-            if i not in best or key > (best[i][1], best[i][0]):
-                best[i] = (loss[r], fooled[r], r)
-
-        for i, j in where:
-            st = states[i]
-            if i in best:
-                value, is_fooled, r = best[i]
-                _, _, new, new_cost = meta[r]
-                if is_fooled:
-                    st.cores[j], st.cost, st.loss, st.done = new, new_cost, value, True
-                    continue
-                if value > st.loss and value > st.look_loss:
-                    if new_cost >= budget:  # the last unit: keep aside, decide at the end
-                        st.look = list(st.cores)
-                        st.look[j] = new
-                        st.look_loss = value
-                    else:
-                        st.cores[j], st.cost, st.loss = new, new_cost, value
-                        st.look, st.look_loss, st.changed_in_pass = None, float("-inf"), True
-            if not st.queue:
-                st.passes_done += 1
-                if st.passes_done < passes and st.changed_in_pass and st.cost < budget:
-                    st.queue, st.changed_in_pass = list(st.order), False
-                else:
-                    if st.look is not None:
-                        st.cores = st.look
-                    st.done = True
-
-    return [d.render(st.cores) for d, st in zip(docs, states)]
+        best = _best_per_sample(meta, loss, fooled)
+        for i, (_, j) in zip(active, requests):
+            states[i].update(j, best.get(i), budget, passes)
+    return [st.doc.render(st.cores) for st in states]
 
 
 # --- word substitution -----------------------------------------------------------------------
