@@ -114,6 +114,17 @@ def setup_runtime(params: Params) -> torch.device:
     return device
 
 
+def runtime_record(device: torch.device) -> dict:
+    """What the numbers were computed with: the last bits of float results depend on the torch build,
+    the CPU kernels it dispatched to (AVX2, AVX512, ...) and the thread count, or on the GPU."""
+    record = {"torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        record.update(cpu_kernels=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
+    return record
+
+
 def loader_options(model, params: Params) -> dict:
     """How a model's images are loaded: resolution (native, or its input size), interpolation, workers."""
     pre = getattr(model, "preprocess", {}) or {}

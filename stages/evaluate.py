@@ -28,7 +28,7 @@ from mmcoa.evaluate import (
 from mmcoa.zeroshot import select_templates
 from mmcoa.models import ClipModel, ModelLoadError, create_model
 from mmcoa.config import Params
-from stages.common import PARAMS_OPTION, loader_options, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
+from stages.common import PARAMS_OPTION, loader_options, SET_OPTION, StageError, atomic_dir, load, log, progress, runtime_record, setup_runtime, write_json
 
 
 def _open_model(name: str, model: str | None, p: Params, device) -> ClipModel:
@@ -83,6 +83,7 @@ def run_evaluation(name: str, model_ref: str | None, data: Path, out: Path, para
         "model": name, "dataset": dataset.name, "task": task,
         "role": "finetune" if p.data.dataset in (dataset.name, meta.get("source")) else "held_out",
         "trained_on": _trained_on(model_dir if model_dir.is_dir() else None),
+        "runtime": runtime_record(device),
     })
     with atomic_dir(out) as tmp:
         write_json(tmp / "result.json", payload)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +109,12 @@ def test_tiny_dvc_repro_produces_the_metric_contract(tmp_path):
                     assert f"{model}.fmnist_pairs.{attack}.{direction}_r{k}" in metrics
         outcomes = json.loads((repo / "evals" / model / "fashion_mnist" / "outcomes.json").read_text())
         assert len(outcomes["correct"]["worst_image"]) == 40
-    assert (repo / "reports" / "report.md").read_text().startswith("# Robustness report")
+        # What the numbers were computed with (their last bits depend on it), as the params fixed it.
+        runtime = json.loads((repo / "evals" / model / "fashion_mnist" / "result.json").read_text())["runtime"]
+        assert runtime["device"] == "cpu" and runtime["threads"] == 2 and runtime["torch"] == torch.__version__
+    report = (repo / "reports" / "report.md").read_text()
+    assert report.startswith("# Robustness report")
+    assert f"Computed with torch {torch.__version__} on cpu ({runtime['cpu_kernels']} kernels, 2 threads)." in report
     assert (repo / "reports" / "figures" / "sweep.png").stat().st_size > 1000
     # Nothing left to do, and a second repro runs nothing.
     status = run(["dvc", "status"], repo).stdout

@@ -210,6 +210,18 @@ def test_transfer_section_answers_per_defense_with_paired_tests(tmp_path):
     assert "- MMCoA: on fm above the base under text" in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_report_names_each_runtime_the_numbers_were_computed_with(tmp_path):
+    cpu = {"torch": "2.14.1", "device": "cpu", "cpu_kernels": "AVX2", "threads": 2}
+    gpu = {"torch": "2.14.1", "device": "cuda", "gpu": "NVIDIA A100"}
+    write_eval(tmp_path, "base", "fm", {"clean": vec(50, 40)}, role="finetune", runtime=cpu)
+    write_eval(tmp_path, "mmcoa", "fm", {"clean": vec(50, 41)}, role="finetune", runtime=cpu)
+    write_eval(tmp_path, "base", "digits", {"clean": vec(50, 45)}, runtime=gpu)
+    assert run_report(tmp_path, tmp_path / "out").exit_code == 0
+    line = "Computed with torch 2.14.1 on cuda (NVIDIA A100); torch 2.14.1 on cpu (AVX2 kernels, 2 threads)."  # base/digits first
+    for name in ("report.md", "summary.md"):
+        assert line in (tmp_path / "out" / name).read_text(), name
+
+
 def write_retrieval(root: Path, model: str, i2t: list[int], t2i: list[int]) -> None:
     """A retrieval evaluation under the text attack: per-image and per-caption R@1 outcomes."""
     folder = root / model / "coco"

@@ -231,6 +231,15 @@ class Collection:
     def threat(self, attack: str) -> dict | None:
         return next((e.threat(attack) for e in self.evals if e.threat(attack)), None)
 
+    def runtimes(self) -> list[dict]:
+        """The distinct runtimes (torch build, kernels, threads or GPU) the evaluations were computed on."""
+        seen: list[dict] = []
+        for e in self.evals:
+            r = e.result.get("runtime")
+            if r and r not in seen:
+                seen.append(r)
+        return seen
+
     def heldout_mean(self, model: str, attack: str) -> tuple[float, tuple[float, float]] | None:
         """Mean accuracy over every held-out classification set, with its 95% interval (None if one is missing)."""
         evs = [self.get(model, d) for d in self.held_out]

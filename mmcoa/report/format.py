@@ -44,3 +44,9 @@ def budget(threat: dict | None, side: str | None = None) -> str:
         keys = ("word_budget", "char_budget", "candidates", "k", "cos_threshold")
     parts += [f"{key} {threat[key]}" for key in keys if threat.get(key) is not None]
     return ", ".join(parts)
+
+
+def runtime_text(runtime: dict) -> str:
+    """``torch 2.14.1 on cpu (AVX512 kernels, 2 threads)``, or ``... on cuda (NVIDIA A100)``."""
+    where = runtime.get("gpu") or f"{runtime.get('cpu_kernels', '?')} kernels, {runtime.get('threads', '?')} threads"
+    return f"torch {runtime.get('torch', '?')} on {runtime.get('device', '?')} ({where})"

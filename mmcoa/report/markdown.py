@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from mmcoa.report.collection import Collection, HEADLINE, RETRIEVAL_COLUMNS, ReportError, label, worst_name
-from mmcoa.report.format import cell, p_text, pct, budget
+from mmcoa.report.format import budget, cell, p_text, pct, runtime_text
 from mmcoa.report.findings import (
     Comparison,
     compare,
@@ -86,6 +86,7 @@ def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] |
             f"{', '.join(col.datasets('retrieval')) or 'none'}. Zero-shot top-1 accuracy (%) with 95% Wilson "
             "intervals; every column of a dataset uses the same samples. The held-out average is the mean over "
             "the held-out sets, with a 95% normal interval of that mean.", ""]
+    out += _runtime_lines(col)
     if "overview" in figures:
         out += [f"![overview]({figures['overview']})", ""]
     if "accuracy" in figures:
@@ -128,6 +129,15 @@ def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] |
     return "\n".join(out)
 
 
+def _runtime_lines(col: Collection) -> list[str]:
+    runtimes = col.runtimes()
+    if not runtimes:
+        return []
+    return [f"Computed with {'; '.join(runtime_text(r) for r in runtimes)}. The same runtime reproduces every number "
+            "exactly; another CPU type, thread count or torch build changes the last bits of float results, which can "
+            "flip a few borderline samples.", ""]
+
+
 def _prompts_markdown(col: Collection) -> list[str]:
     out = []
     for e in col.evals:
@@ -158,6 +168,7 @@ def render_summary(col: Collection, reference: str = "mmcoa") -> str:
                f"zero-shot sets ({', '.join(col.held_out) or 'none'}); worst_<family> counts a sample as correct only "
                "if it survives every attack of the family.")
     out += ["", "Threat models: " + "; ".join(f"{a}: {budget(col.threat(a))}" for a in HEADLINE[1:] if col.threat(a)) + ".", ""]
+    out += _runtime_lines(col)
     out += retrieval_summary(col)
     comparisons = compare(col)
     transfer = transfer_markdown(col, comparisons)
