@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -178,3 +179,71 @@ def test_a_command_imports_only_its_own_module():
     code = code.replace("['fetch-eval']", "None")  # every command (as `mmcoa --help` builds it): the probe sees them
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert "'open_clip'" in out.stdout and "'matplotlib'" in out.stdout, out.stdout
+
+
+# --- DVC dependencies cover the code each stage runs ------------------------------------------
+
+# Params validation looks names up in every registry (attacks, defenses, datasets): it can refuse params but
+# never changes a stage's outputs, so the modules it alone reaches are not dependencies of every stage.
+PARAM_CHECKS = {"_check_registered"}
+
+
+def _project_imports(path: Path) -> set[str]:
+    """Project modules ``path`` imports, at top level or inside functions (lazy imports count)."""
+    package = ".".join(path.relative_to(REPO).parts[:-1])
+    found: set[str] = set()
+
+    class Visitor(ast.NodeVisitor):
+        def visit_FunctionDef(self, node):
+            if node.name not in PARAM_CHECKS:
+                self.generic_visit(node)
+
+        def visit_Import(self, node):
+            found.update(a.name for a in node.names)
+
+        def visit_ImportFrom(self, node):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+
+    Visitor().visit(ast.parse(path.read_text()))
+    return {m for m in found if m.split(".")[0] in ("mmcoa", "stages")}
+
+
+def _module_file(module: str) -> Path | None:
+    for candidate in (REPO / (module.replace(".", "/") + ".py"), REPO / module.replace(".", "/") / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _code_closure(module: str) -> set[str]:
+    """Every project file that running ``module`` can import (packages' __init__ files included)."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))] + sorted(_project_imports(path))
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """A change to any module a stage imports must rerun that stage: dvc.yaml lists it (or its folder)."""
+    from stages.cli import COMMANDS
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {"fetch", "base", "finetune", "evaluate", "report"} <= set(stages)
+    for name, stage in stages.items():
+        command = stage["cmd"].split()[1]
+        deps = stage.get("deps", [])
+        missing = [f for f in sorted(_code_closure(COMMANDS[command][0]))
+                   if not f.endswith("__init__.py") and not any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)]
+        assert not missing, f"stage {name} runs {missing} but does not depend on them"
