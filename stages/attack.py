@@ -16,7 +16,7 @@ from mmcoa.data.subset import open_subset
 from mmcoa.evaluate import SuiteEntry, evaluate_classification, sample_indices
 from mmcoa.models import load_model
 from mmcoa.zeroshot import select_templates
-from stages.common import loader_options, PARAMS_OPTION, SET_OPTION, StageError, load, progress, setup_runtime, write_json
+from stages.common import loader_options, PARAMS_OPTION, SET_OPTION, StageError, load, progress, runtime_record, setup_runtime, write_json
 
 
 def _describe(name: str) -> str:
@@ -95,4 +95,5 @@ def attack(
     table.add_row(attack_name, f"{100 * robust:.2f}%", repr(atk))
     Console().print(table)
     if out is not None:
-        write_json(out, {"clean_acc": clean, "robust_acc": robust, "n": result.n, "threat_model": atk.threat_model()})
+        write_json(out, {"clean_acc": clean, "robust_acc": robust, "n": result.n, "threat_model": atk.threat_model(),
+                         "runtime": runtime_record(device)})

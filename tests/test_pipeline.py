@@ -122,6 +122,14 @@ def test_tiny_dvc_repro_produces_the_metric_contract(tmp_path):
     assert "changed" not in status and "modified" not in status, status
     again = run(["dvc", "repro"], repo).stdout
     assert "Running stage" not in again, again
+    # One attack by hand on the pipeline's base model: its clean accuracy is the pipeline's on the same
+    # samples, the attack lowers it, and the result says what it was computed with.
+    run([str(BIN / "mmcoa"), "attack", "--model", "models/base", "--attack", "pgd", "-a", "eps_255=4", "-a", "steps=3",
+         "--data", "data/eval/fashion_mnist", "--out", str(tmp_path / "attack.json")], repo)
+    single = json.loads((tmp_path / "attack.json").read_text())
+    assert single["clean_acc"] == metrics["base.fashion_mnist.clean.acc"] and single["n"] == 40
+    assert single["robust_acc"] < single["clean_acc"]
+    assert single["runtime"] == runtime
     # An experiment with a changed param is listed with its metrics (dropping the outside model reruns
     # only what depends on it: nothing but the report).
     run(["git", "add", "-A"], repo)
