@@ -1,7 +1,7 @@
 """Evaluate a CLIP model's zero-shot accuracy on one dataset, clean and under a suite of attacks.
 
-Robust accuracy is measured on the same samples as clean accuracy, and every outcome is kept per
-sample, so the report can take the worst case per sample over a family of attacks, intervals and
+Robust accuracy is measured on the same samples as clean accuracy (a sample is robust when it is
+correct clean and under the attack), and every outcome is kept per sample, so the report can take the worst case per sample over a family of attacks, intervals and
 paired tests without rerunning an attack. Samples stream through a DataLoader batch by batch (no
 split is ever held whole); within a batch every attack runs, each seeded from (seed, attack, batch),
 so a rerun reproduces every number. The worst case of a family is a cascade: attacks marked
@@ -13,6 +13,7 @@ given, so its draws (not their distribution) differ. With torchrun, samples are 
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -20,14 +21,40 @@ from typing import Any, Callable, Iterable
 import torch
 
 from mmcoa import distributed as dist
-from mmcoa.attacks import Attack, create_attack
+from mmcoa.attacks import Attack, AttackError, create_attack
 from mmcoa.attacks.cascade import run_cascade
 from mmcoa.attacks.multimodal import ZeroShotTask, run_zeroshot_attack
+from mmcoa.attacks.transfer import Transfer, load_source
 from mmcoa.data import stratified_indices
-from mmcoa.models import ClipModel
+from mmcoa.models import ClipModel, ModelLoadError
 from mmcoa.zeroshot import ZeroShotClassifier, build_prompts, class_embeddings
 
 FAMILY_OF_SIDE = {"image": "image", "text": "text", "multimodal": "multimodal"}
+
+
+class SuiteError(ValueError):
+    """A suite whose families cannot be evaluated as one threat model each; the message names the fix."""
+
+
+def budget_kind(threat: dict) -> str:
+    """The kind of budget an attack's threat model bounds: the key every member of a family shares.
+
+    ``norm-bounded``: an image perturbation inside an Lp ball (a transfer attack: that of the attack it
+    crafts with); ``unbounded:<attack>``: an image change no norm bounds (typographic: written text);
+    ``text``: prompt edits within a word or character budget, class names kept; ``multimodal``: both.
+    """
+    side = threat.get("side")
+    if side == "image":
+        bound = threat.get("crafted_with", threat)
+        return "norm-bounded" if bound.get("norm") is not None else f"unbounded:{threat.get('attack')}"
+    return {"both": "multimodal"}.get(side, str(side))
+
+
+def default_family(attack: Attack) -> str:
+    """The family an attack joins unless its suite entry names one: its side, or its own name when no
+    norm bounds its image change (typographic), so it never joins the Lp image family."""
+    kind = budget_kind(attack.threat_model())
+    return attack.name if kind.startswith("unbounded:") else FAMILY_OF_SIDE.get(attack.kind, attack.kind)
 
 
 @dataclass(frozen=True)
@@ -45,9 +72,23 @@ def suite_from_specs(specs: list[dict]) -> list[SuiteEntry]:
     out = []
     for s in specs:
         attack = create_attack(s["attack"], **s.get("params", {}))
-        family = s.get("family") or FAMILY_OF_SIDE.get(attack.kind, attack.kind)
+        family = s.get("family") or default_family(attack)
         out.append(SuiteEntry(s["name"], attack, family, bool(s.get("worst_only", False))))  # other keys: the stage's
+    check_families(out)
     return out
+
+
+def check_families(suite: list[SuiteEntry]) -> None:
+    """Every family is one threat model: its worst case and masking check compare like with like.
+
+    Raises SuiteError naming the family, its members' budgets and the fix (a ``family`` of their own).
+    """
+    for family, entries in _group(suite).items():
+        kinds = {e.name: budget_kind(e.attack.threat_model()) for e in entries}
+        if len(set(kinds.values())) > 1:
+            listed = ", ".join(f"{n} ({k})" for n, k in kinds.items())
+            raise SuiteError(f"suite: family '{family}' mixes budget kinds {listed}; give the entries of another "
+                             "kind a `family:` of their own")
 
 
 def families(suite: list[SuiteEntry]) -> dict[str, list[str]]:
@@ -62,8 +103,9 @@ def families(suite: list[SuiteEntry]) -> dict[str, list[str]]:
 class ClassificationResult:
     """Accuracies keyed ``<dataset>.<attack>.acc``, per-sample outcomes and what produced them.
 
-    ``outcomes[name]``: bool [n] in the order of ``indices``: True where the sample is still
-    classified correctly (``clean``, every attack with a column, and ``worst_<family>``).
+    ``outcomes[name]``: bool [n] in the order of ``indices``: True where the sample is classified
+    correctly clean and still under the attack (``clean``, every attack with a column, and
+    ``worst_<family>``): robust implies clean-correct, as AutoAttack counts it.
     """
 
     metrics: dict[str, float]
@@ -140,6 +182,9 @@ def evaluate_classification(
     metrics = {f"{dataset_name}.{n}.acc": round(float(v.float().mean()), 6) if len(v) else 0.0 for n, v in outcomes.items()}
     threat = {"clean": {"attack": "none", "side": "none", "family": "clean"}}
     threat.update({e.name: {**e.attack.threat_model(), "family": e.family, "worst_only": e.worst_only} for e in runs})
+    for e in runs:
+        if isinstance(e.attack, Transfer):
+            threat[e.name]["source_is_target"] = source_is_target(e.attack, model)
     sweep_rows = []
     if sweep is not None:
         sweep_rows = [{"eps_255": 0.0, "acc": metrics[f"{dataset_name}.clean.acc"]}] + [
@@ -147,6 +192,28 @@ def evaluate_classification(
         ]
     fams = families([e for e in suite])
     return ClassificationResult(metrics, outcomes, got_idx.tolist(), threat, fams, sweep_rows, examples)
+
+
+@torch.no_grad()
+def weights_digest(model: torch.nn.Module) -> str:
+    """A SHA-256 of a model's parameters and buffers (names, shapes, dtypes, values): equal weights, equal digest."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def source_is_target(attack: Transfer, model: ClipModel) -> bool:
+    """Whether a transfer attack crafts on the evaluated model itself (same weights): then it is one more
+    white-box attack, not the black-box check of gradient masking it is meant to be."""
+    p = attack.params
+    try:
+        source = load_source(p.source, p.pretrained, str(model.device))
+    except ModelLoadError as err:
+        raise AttackError(f"attack 'transfer': source model: {err}") from None
+    return source is model or weights_digest(source) == weights_digest(model)
 
 
 def _with_sweep(suite: list[SuiteEntry], sweep: tuple[str, dict, list[float]] | None) -> list[SuiteEntry]:
@@ -171,7 +238,9 @@ def _evaluate_batch(
         result = run_zeroshot_attack(entry.attack, task, images[rows], labels[rows])
         if len(rows) == len(images):
             results[entry.name] = result
-        return result.correct(labels[rows])
+        # Robust means correct clean and correct under attack (AutoAttack's count): an attack that
+        # happens to fix a misclassified sample does not make it robust.
+        return result.correct(labels[rows]) & clean_ok[rows]
 
     all_rows = torch.arange(len(images), device=images.device)
     for family, entries in _group(runs).items():
