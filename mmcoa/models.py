@@ -46,6 +46,7 @@ from torch import nn
 import open_clip
 from open_clip.factory import _find_checkpoint_in_dir, _get_hf_config, parse_model_name
 
+from mmcoa.data.transforms import INTERPOLATIONS, RESIZE_MODES, resize as resize_images
 from mmcoa.registry import Registry
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -54,8 +55,6 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # Keys an OpenAI TorchScript model's state dict carries besides the weights.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-_INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
-_RESIZE_MODES = ("shortest", "longest", "squash")
 _MAX_TRUNCATION_WARNINGS = 20
 
 open_clip.add_model_config(CONFIG_DIR)
@@ -469,10 +468,10 @@ class ClipModel(nn.Module):
 
     def __init__(self, clip: nn.Module, model_cfg: dict, tokenizer: Callable, preprocess: dict, tokenizer_ref: str):
         super().__init__()
-        if preprocess["interpolation"] not in _INTERPOLATIONS or preprocess["resize_mode"] not in _RESIZE_MODES:
+        if preprocess["interpolation"] not in INTERPOLATIONS or preprocess["resize_mode"] not in RESIZE_MODES:
             raise ModelLoadError(
                 f"preprocessing {preprocess['interpolation']}/{preprocess['resize_mode']} is not supported: "
-                f"interpolation one of {_INTERPOLATIONS}, resize_mode one of {_RESIZE_MODES}"
+                f"interpolation one of {INTERPOLATIONS}, resize_mode one of {tuple(RESIZE_MODES)}"
             )
         self.clip = clip
         self.model_cfg = model_cfg
@@ -498,24 +497,12 @@ class ClipModel(nn.Module):
         return {k: list(v) if isinstance(v, list) else v for k, v in self._preprocess.items()}
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """Bring [B, C, h, w] to the tower's size as the weights' preprocessing does (differentiable)."""
-        h, w = images.shape[-2:]
-        H, W = self.image_size
-        if (h, w) == (H, W):
-            return images
-        mode = self._preprocess["interpolation"]
-        resize_mode = self._preprocess["resize_mode"]
-        kw = {} if mode == "nearest" else {"align_corners": False}
-        if resize_mode == "squash" or h * W == w * H:
-            return F.interpolate(images, size=(H, W), mode=mode, **kw)
-        # shortest: scale the short side to fit, centre-crop; longest: scale the long side, pad with 0.
-        scale = max(H / h, W / w) if resize_mode == "shortest" else min(H / h, W / w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        out = F.interpolate(images, size=(nh, nw), mode=mode, **kw)
-        top, left = (nh - H) // 2, (nw - W) // 2
-        if resize_mode == "shortest":
-            return out[..., top : top + H, left : left + W]
-        return F.pad(out, (-left, W - nw + left, -top, H - nh + top))
+        """Bring [B, C, h, w] in [0, 1] to the tower's size as the weights' preprocessing does.
+
+        The data path's resize (:func:`mmcoa.data.transforms.resize`: antialiased, differentiable), so
+        an attack on native-size pixels sees what training and clean evaluation see.
+        """
+        return resize_images(images, self.image_size, self._preprocess["interpolation"], self._preprocess["resize_mode"])
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[B, C, H, W] in [0, 1], any size -> [B, D] (unit norm unless ``normalize=False``)."""

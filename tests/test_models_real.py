@@ -133,17 +133,19 @@ def test_pretrained_tag_weights_activation_and_preprocessing_survive_save_and_lo
     assert again.preprocess == model.preprocess
     assert_same_weights(again, state)
 
-    # 32 px inputs (CIFAR perturbed at native size) are upsampled bicubically inside the model.
+    # 32 px inputs (CIFAR perturbed at native size) are resized inside the model with the tag's
+    # interpolation, antialiased as torchvision's Resize is (a 32 -> 28 px downscale: antialiasing matters).
     x = torch.rand(4, 3, 32, 32)
     out = again.encode_image(x)
     assert torch.equal(out, model.encode_image(x))
     mean, std = torch.tensor(tag["mean"]).view(1, 3, 1, 1), torch.tensor(tag["std"]).view(1, 3, 1, 1)
 
-    def by_hand(mode):
-        up = F.interpolate(x, size=(28, 28), mode=mode, align_corners=False)
+    def by_hand(mode, antialias=True):
+        up = F.interpolate(x, size=(28, 28), mode=mode, align_corners=False, antialias=antialias).clamp(0, 1)
         return F.normalize(again.clip.encode_image((up - mean) / std), dim=-1)
 
     assert torch.allclose(out, by_hand("bicubic"), atol=1e-6)
+    assert not torch.allclose(out, by_hand("bicubic", antialias=False), atol=1e-4)
     assert not torch.allclose(out, by_hand("bilinear"), atol=1e-4)
 
 

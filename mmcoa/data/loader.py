@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from mmcoa.data.base import ImageDataset
 from mmcoa.data.errors import CorruptImageError, DataError
 from mmcoa.data.registry import ON_CORRUPT
-from mmcoa.data.transforms import check_resize, resize_batch
+from mmcoa.data.transforms import check_resize, resize_floats, to_float
 
 
 @dataclass
@@ -78,10 +78,9 @@ class _Collate:
             return _Batch(None, labels, indices, bad, error=(odd, tuple(ok[0][0].shape), tuple(ok[odd][0].shape)))
         images = [s[0] for s in ok]
         if self.size is None:
-            stacked = torch.stack(images)
-        else:
-            stacked = resize_batch(images, self.size, self.interpolation, self.resize_mode)
-        return _Batch(stacked.float().div_(255.0), labels, indices, bad)
+            return _Batch(to_float(torch.stack(images)), labels, indices, bad)
+        # resized in float, not rounded to 8 bits: the pixels the model's own resize makes of these images
+        return _Batch(resize_floats(images, self.size, self.interpolation, self.resize_mode), labels, indices, bad)
 
 
 class StreamLoader:
@@ -137,7 +136,9 @@ def make_loader(
 
     ``size=None`` keeps native resolution (a batch's images must then share a size); an int resizes
     each image as CLIP does (``resize_mode='shortest'``: shortest side to ``size`` with
-    ``interpolation``, antialiased, then a centre crop) in the workers. What happens to unreadable
+    ``interpolation``, antialiased, then a centre crop) in the workers, with the same function a
+    :class:`~mmcoa.models.ClipModel` resizes with (:func:`mmcoa.data.transforms.resize`), in float, so a
+    model sees the same pixels whether the loader or the model resizes. What happens to unreadable
     images follows ``dataset.on_corrupt`` (set by ``open_dataset``; 'skip' by default).
     """
     check_resize(interpolation, resize_mode)
