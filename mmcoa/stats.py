@@ -4,6 +4,10 @@
   behaves at 0% and 100%, where the normal interval collapses).
 - :func:`paired_test`: exact McNemar test of two models on the same samples (a two-sided binomial
   test on the discordant pairs), the right test when both accuracies come from the same images.
+- :func:`cluster_paired_test`: the same question when samples come in clusters (an image's captions):
+  an exact sign-flip permutation test of the per-cluster differences.
+- :func:`cluster_interval`: 95% interval of a proportion over clustered samples (Wilson at the
+  design-effect sample size).
 - :func:`mean_interval`: 95% interval of an average of accuracies from independent datasets.
 - :func:`holm`: Holm's step-down correction, for a list of findings made from many tests.
 - :func:`spread`: mean, sample standard deviation, minimum and maximum across seeds.
@@ -27,7 +31,11 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
         return 0.0, 1.0
     if not 0 <= k <= n:
         raise ValueError(f"k={k} must lie in [0, n={n}]")
-    p = k / n
+    return _wilson(k / n, n, z)
+
+
+def _wilson(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson interval of proportion ``p`` at (possibly fractional, effective) sample size ``n``."""
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
@@ -63,6 +71,65 @@ def paired_test(a_correct: Sequence[int], b_correct: Sequence[int]) -> PairedTes
     p = 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
     diff = (n10 - n01) / len(a) if len(a) else 0.0
     return PairedTest(diff, min(p, 1.0), n01, n10)
+
+
+def _clusters(values: np.ndarray, clusters: Sequence[int]) -> np.ndarray:
+    """Per-cluster sums of ``values`` (clusters are any integer labels, one per sample)."""
+    c = np.asarray(clusters)
+    if c.shape != values.shape:
+        raise ValueError(f"one cluster label per sample: {c.shape} labels for {values.shape} samples")
+    _, inverse = np.unique(c, return_inverse=True)
+    return np.bincount(inverse, weights=values.astype(float))
+
+
+def cluster_paired_test(a_correct: Sequence[int], b_correct: Sequence[int], clusters: Sequence[int]) -> PairedTest:
+    """Paired test of ``a`` vs ``b`` when samples are clustered (the captions of one image share it).
+
+    The statistic is the sum over clusters of d_c = (a right) - (b right) within cluster c. Under H0
+    (a and b exchangeable within each cluster) each d_c is as likely as -d_c, so the exact null is the
+    distribution of sum_c s_c |d_c| over independent fair signs s_c; it is computed exactly (the d_c
+    are integers), so the p-value is deterministic, two-sided: P(|T*| >= |T|). With one sample per
+    cluster it is the exact McNemar test; with clusters of identical outcomes, McNemar on clusters.
+    """
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired outcomes must be two vectors of one length, got {a.shape} and {b.shape}")
+    d = np.rint(_clusters(a.astype(int) - b.astype(int), clusters)).astype(int)
+    t = int(d.sum())
+    weights = np.abs(d[d != 0])
+    # Null distribution of sum s_c w_c on offsets -W..W, one cluster at a time (exact convolution).
+    total = int(weights.sum())
+    dist = np.zeros(2 * total + 1)
+    dist[total] = 1.0
+    for w in weights:
+        dist = 0.5 * (np.roll(dist, w) + np.roll(dist, -w))  # no wrap-around: |partial sums| <= total
+    support = np.arange(-total, total + 1)
+    p = float(dist[np.abs(support) >= abs(t)].sum()) if total else 1.0
+    n10, n01 = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    return PairedTest((n10 - n01) / len(a) if len(a) else 0.0, min(p, 1.0), n01, n10)
+
+
+def cluster_interval(correct: Sequence[int], clusters: Sequence[int], z: float = Z95) -> tuple[float, float]:
+    """95% interval of a proportion whose samples come in clusters: Wilson at the effective sample size.
+
+    The effective size is n / deff, with the design effect deff = (cluster-robust variance of the
+    mean) / (binomial variance p(1-p)/n), never below 1 (clustering is not allowed to add
+    information). With one sample per cluster it is the Wilson interval; with clusters of identical
+    outcomes it is the Wilson interval of the clusters. At p = 0 or 1 (no variance to estimate the
+    design effect from) the effective size is the number of clusters, the most clustered case.
+    """
+    y = np.asarray(correct, dtype=float)
+    if y.ndim != 1 or len(y) == 0:
+        return 0.0, 1.0
+    n, p = len(y), float(y.mean())
+    resid = _clusters(y - p, clusters)
+    if 0 < p < 1:
+        deff = float(np.sum(resid**2)) / (n * p * (1 - p))
+        n_eff = n / max(deff, 1.0)
+    else:
+        n_eff = float(len(resid))
+    return _wilson(p, n_eff, z)
 
 
 def mean_interval(accs: Sequence[float], ns: Sequence[int], z: float = Z95) -> tuple[float, float]:
