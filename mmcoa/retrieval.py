@@ -18,16 +18,29 @@ classification is in ``mmcoa.attacks.multimodal``):
 * text: every caption is pushed away from its own (clean) image by word or character edits that
   leave the dataset's label-carrying words (``dataset.protected``) alone; scored with adversarial
   captions against clean images;
-* multimodal ``co_attack``: captions first, then images pushed away from the ADVERSARIAL captions;
-  ``independent``: both sides from clean inputs; ``joint``: ``rounds`` alternations (the captions
-  against the current adversarial images, then the images, from clean, against those captions).
-  Scored adversarial images against adversarial captions.
+* multimodal ``co_attack`` (Zhang et al. 2022, ``run_before_fusion``): the captions are attacked on
+  their own, away from their clean embeddings; then each image is pushed away from both its clean
+  embedding and its adversarial captions. ``independent``: both sides from clean inputs, each
+  against the other's clean embeddings; ``joint``: ``rounds`` alternations (the captions against
+  the current adversarial images, then the images, from clean, against those captions). Scored
+  adversarial images against adversarial captions.
 
-Attack objectives count a query as fooled once it has left the top ``max(KS)`` (so an early exit
-never stops short of what R@10 measures). The gallery is a seeded subset of ``n_images`` images
-(all of them when ``n_images`` >= the dataset's size) with all their captions, the same for clean
-and every attack; every attack is seeded from (seed, attack name). Images stream from the dataset
-batch by batch; only embeddings are kept.
+Attack the reported metric. An objective aimed at R@k counts a query as fooled once it has left the
+top k, and that choice moves the attack itself, not only its early exit: the text objective scores
+an edit against the k-th best competitor, and an image attack returns the first iterate that fools
+(else the last one). An attack aimed at R@10 is therefore weaker on R@1 than one aimed at R@1. So
+each attack runs once per reported k (1, 5, 10), every run from the same seed, and R@k, in both
+directions, is scored from the run aimed at R@k. This costs three runs per attack, less than three
+times one run: a query already out of the top k leaves its run at once (early exit per k). The
+adversarial captions and the example images kept are those of the run aimed at R@1.
+
+Queries. The result names its queries: the dataset index of every image query and of every caption
+query, and each caption's image (``RetrievalResult``), so that two evaluations are paired only on
+the same queries (:meth:`RetrievalResult.paired`) and caption queries can be clustered by image.
+
+The gallery is a seeded subset of ``n_images`` images (all of them when ``n_images`` >= the dataset's
+size) with all their captions, the same for clean and every attack; every attack is seeded from
+(seed, attack name). Images stream from the dataset batch by batch; only embeddings are kept.
 """
 
 from __future__ import annotations
@@ -40,7 +53,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmcoa.attacks import Attack
-from mmcoa.attacks.objectives import RetrievalImageObjective, RetrievalTextObjective
+from mmcoa.attacks.objectives import (
+    EmbeddingKLObjective,
+    RetrievalCoAttackImageObjective,
+    RetrievalImageObjective,
+    RetrievalTextObjective,
+)
 from mmcoa.data.registry import DataError
 from mmcoa.data.retrieval import RetrievalDataset
 from mmcoa.data.transforms import check_resize, resize_batch
@@ -85,7 +103,8 @@ class RetrievalTask:
 
     ``size`` / ``interpolation`` / ``resize_mode``: images are resized at load time when ``size`` is
     given (``mmcoa.data.transforms``; default: shortest side, then a centre crop, as CLIP does);
-    otherwise a batch must share one size.
+    otherwise a batch must share one size. Every attack method takes the ``k`` of the recall it aims
+    at: its objective counts a query as fooled once it has left the top ``k``.
     """
 
     def __init__(
@@ -96,11 +115,10 @@ class RetrievalTask:
         size: int | None = None,
         interpolation: str = "bicubic",
         resize_mode: str = "shortest",
-        k: int = max(KS),
     ):
         check_resize(interpolation, resize_mode)
         self.interpolation, self.resize_mode = interpolation, resize_mode
-        self.model, self.data, self.batch_size, self.size, self.k = model, data, batch_size, size, k
+        self.model, self.data, self.batch_size, self.size = model, data, batch_size, size
         self.caption_image = data.caption_image.to(model.device)
         self.on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
@@ -131,28 +149,56 @@ class RetrievalTask:
     def text_emb(self, captions: list[str]) -> torch.Tensor:
         return self.model.encode_texts(captions)
 
-    def attack_images(self, attack: Attack, text_emb: torch.Tensor) -> torch.Tensor:
-        """Adversarial image embeddings [I, D]: each image pushed away from its captions in ``text_emb``."""
-        pos = positive_mask(self.caption_image, len(self.data))
+    def _perturb_images(self, attack: Attack, objective_for: Callable) -> torch.Tensor:
+        """Adversarial image embeddings [I, D]; ``objective_for(x, idx)`` builds each batch's objective."""
         out = []
         for x, idx in self.batches():
-            objective = RetrievalImageObjective(self.model, text_emb, pos[idx], k=self.k)
-            adv = attack.perturb(x, objective, early_exit=True)
+            adv = attack.perturb(x, objective_for(x, idx), early_exit=True)
             if self.on_batch is not None:
                 self.on_batch(idx, x, adv)
             with torch.no_grad():
                 out.append(self.model.encode_image(adv))
         return torch.cat(out)
 
-    def attack_texts(self, attack: Attack, image_emb: torch.Tensor) -> list[str]:
-        """Adversarial captions: each pushed away from its own image in ``image_emb``; protected words kept."""
+    def attack_images(self, attack: Attack, text_emb: torch.Tensor, k: int) -> torch.Tensor:
+        """Adversarial image embeddings [I, D]: each image pushed out of the top ``k`` of its captions in ``text_emb``."""
+        pos = positive_mask(self.caption_image, len(self.data))
+        return self._perturb_images(attack, lambda x, idx: RetrievalImageObjective(self.model, text_emb, pos[idx], k=k))
+
+    def co_attack_images(self, attack: Attack, adv_text_emb: torch.Tensor, k: int) -> torch.Tensor:
+        """Co-Attack's image step: each image pushed away from its clean embedding and its adversarial
+        captions in ``adv_text_emb`` (:class:`RetrievalCoAttackImageObjective`); fooled out of the top ``k``."""
+        pos = positive_mask(self.caption_image, len(self.data))
+
+        def objective(x: torch.Tensor, idx: torch.Tensor) -> RetrievalCoAttackImageObjective:
+            with torch.no_grad():
+                clean = self.model.encode_image(x, normalize=False)
+            return RetrievalCoAttackImageObjective(self.model, clean, adv_text_emb, pos[idx], k=k)
+
+        return self._perturb_images(attack, objective)
+
+    # captions ----------------------------------------------------------------------------------
+
+    def _perturb_texts(self, attack: Attack, objective_for: Callable) -> list[str]:
+        """Adversarial captions, batch by batch; ``objective_for(chunk, start)`` builds each objective."""
         captions, out = self.data.captions, []
         for start in range(0, len(captions), self.batch_size):
             chunk = captions[start : start + self.batch_size]
-            owners = self.caption_image[start : start + len(chunk)]
-            objective = RetrievalTextObjective(self.model, image_emb, owners, k=self.k)
-            out.extend(attack.perturb(chunk, objective, protected=self.data.protected))
+            out.extend(attack.perturb(chunk, objective_for(chunk, start), protected=self.data.protected))
         return out
+
+    def attack_texts(self, attack: Attack, image_emb: torch.Tensor, k: int) -> list[str]:
+        """Adversarial captions: each pushed out of the top ``k`` of its own image in ``image_emb``; protected words kept."""
+        return self._perturb_texts(attack, lambda chunk, start: RetrievalTextObjective(
+            self.model, image_emb, self.caption_image[start : start + len(chunk)], k=k))
+
+    def attack_texts_alone(self, attack: Attack) -> list[str]:
+        """Adversarial captions pushed away from their own clean embeddings (no image; Co-Attack's text step)."""
+        def objective(chunk: list[str], start: int) -> EmbeddingKLObjective:
+            with torch.no_grad():
+                return EmbeddingKLObjective(self.model, self.model.encode_text(self.model.tokenize(chunk), normalize=False))
+
+        return self._perturb_texts(attack, objective)
 
 
 @dataclass
@@ -164,60 +210,74 @@ class AttackOutcome:
     captions: list[str] | None = None
 
 
-def _run_image(attack: Attack, task: RetrievalTask, clean: AttackOutcome) -> AttackOutcome:
-    return AttackOutcome(task.attack_images(attack, clean.text_emb), clean.text_emb)
+def _run_image(attack: Attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> AttackOutcome:
+    return AttackOutcome(task.attack_images(attack, clean.text_emb, k), clean.text_emb)
 
 
-def _run_text(attack: Attack, task: RetrievalTask, clean: AttackOutcome) -> AttackOutcome:
-    captions = task.attack_texts(attack, clean.image_emb)
+def _run_text(attack: Attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> AttackOutcome:
+    captions = task.attack_texts(attack, clean.image_emb, k)
     return AttackOutcome(clean.image_emb, task.text_emb(captions), captions)
 
 
-def _independent(attack, task: RetrievalTask, clean: AttackOutcome) -> AttackOutcome:
-    captions = task.attack_texts(attack.text_attack, clean.image_emb)
-    return AttackOutcome(task.attack_images(attack.image_attack, clean.text_emb), task.text_emb(captions), captions)
+def _independent(attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> AttackOutcome:
+    captions = task.attack_texts(attack.text_attack, clean.image_emb, k)
+    return AttackOutcome(task.attack_images(attack.image_attack, clean.text_emb, k), task.text_emb(captions), captions)
 
 
-def _co_attack(attack, task: RetrievalTask, clean: AttackOutcome) -> AttackOutcome:
-    captions = task.attack_texts(attack.text_attack, clean.image_emb)
+def _co_attack(attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> AttackOutcome:
+    # The reference's run_before_fusion: the captions are attacked on their own (away from their clean
+    # embeddings), then each image away from its clean embedding and its adversarial captions.
+    captions = task.attack_texts_alone(attack.text_attack)
     adv_text = task.text_emb(captions)
-    return AttackOutcome(task.attack_images(attack.image_attack, adv_text), adv_text, captions)
+    return AttackOutcome(task.co_attack_images(attack.image_attack, adv_text, k), adv_text, captions)
 
 
-def _joint(attack, task: RetrievalTask, clean: AttackOutcome) -> AttackOutcome:
+def _joint(attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> AttackOutcome:
     # Each round: captions (from clean) against the current images, then images (from clean)
     # against those captions; both budgets hold since both sides restart from clean inputs.
     image_emb, captions, adv_text = clean.image_emb, None, clean.text_emb
     for _ in range(attack.params.rounds):
-        captions = task.attack_texts(attack.text_attack, image_emb)
+        captions = task.attack_texts(attack.text_attack, image_emb, k)
         adv_text = task.text_emb(captions)
-        image_emb = task.attack_images(attack.image_attack, adv_text)
+        image_emb = task.attack_images(attack.image_attack, adv_text, k)
     return AttackOutcome(image_emb, adv_text, captions)
 
 
 _MULTIMODAL = {"independent": _independent, "co_attack": _co_attack, "joint": _joint}
 
 
-def _run_multimodal(attack: Attack, task: RetrievalTask, clean: AttackOutcome) -> AttackOutcome:
-    return _MULTIMODAL[attack.params.mode](attack, task, clean)
+def _run_multimodal(attack: Attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> AttackOutcome:
+    return _MULTIMODAL[attack.params.mode](attack, task, clean, k)
 
 
 _RUNNERS = {"image": _run_image, "text": _run_text, "multimodal": _run_multimodal}
 
 
-def run_retrieval_attack(attack: Attack, task: RetrievalTask, clean: AttackOutcome) -> AttackOutcome:
-    """Any registered attack (image, text or multimodal) on a whole gallery."""
-    return _RUNNERS[attack.kind](attack, task, clean)
+def run_retrieval_attack(attack: Attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> AttackOutcome:
+    """Any registered attack (image, text or multimodal) on a whole gallery, aimed at R@``k``."""
+    return _RUNNERS[attack.kind](attack, task, clean, k)
 
 
 # --- evaluation ----------------------------------------------------------------------------------
 
 
+class GalleryMismatch(ValueError):
+    """Two retrieval evaluations that do not hold the same queries cannot be paired query by query."""
+
+
 @dataclass
 class RetrievalResult:
-    """``metrics`` keyed ``<dataset>.<attack>.{i2t,t2i}_r{1,5,10}``; per-query ``outcomes[attack]``;
-    ``captions[attack]`` the adversarial captions of text-side attacks; ``examples[attack]`` the
-    first gallery images (clean and adversarial) and their first captions."""
+    """``metrics`` keyed ``<dataset>.<attack>.{i2t,t2i}_r{1,5,10}``; per-query ``outcomes[attack]``
+    (``i2t_r*`` one per gallery image, ``t2i_r*`` one per caption), each ``R@k`` of an attack from
+    its run aimed at R@k; ``captions[attack]`` the adversarial captions of text-side attacks and
+    ``examples[attack]`` the first gallery images (clean and adversarial) and their first captions,
+    both of the run aimed at R@1.
+
+    Which queries: ``image_indices`` [n_images] the dataset index of each image query (the index in
+    the dataset its reader opened, see ``RetrievalDataset.source_indices``), ``caption_indices``
+    [n_captions] the dataset index of each caption query, ``caption_image`` [n_captions] the position
+    among the image queries of each caption's image (caption queries cluster by image).
+    """
 
     metrics: dict[str, float]
     outcomes: dict[str, dict[str, torch.Tensor]]
@@ -225,8 +285,22 @@ class RetrievalResult:
     n_images: int
     n_captions: int
     image_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    caption_image: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    caption_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     captions: dict[str, list[str]] = field(default_factory=dict)
     examples: dict[str, Any] = field(default_factory=dict)
+
+    def paired(self, other: RetrievalResult, attack: str, other_attack: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-query outcomes ``key`` (e.g. ``t2i_r1``) of ``attack`` here and ``other_attack`` in
+        ``other``, query by query; :class:`GalleryMismatch` unless both hold the same queries."""
+        same = (torch.equal(self.image_indices, other.image_indices) and torch.equal(self.caption_indices, other.caption_indices)
+                and torch.equal(self.caption_image, other.caption_image))
+        if not same:
+            raise GalleryMismatch(
+                f"the two retrieval evaluations hold different queries ({self.n_images} images / {self.n_captions} captions "
+                f"vs {other.n_images} / {other.n_captions}, image or caption indices differ); evaluate both on the same gallery"
+            )
+        return self.outcomes[attack][key], other.outcomes[other_attack][key]
 
 
 def attack_seed(seed: int, name: str) -> int:
@@ -257,49 +331,61 @@ def evaluate_retrieval(
 ) -> RetrievalResult:
     """R@1/5/10 in both directions, clean and under each ``(name, attack)`` of ``suite``.
 
-    ``size``, ``interpolation``, ``resize_mode``: load-time resizing (see :class:`RetrievalTask`).
-    ``n_examples`` first gallery images (and each one's first caption) are kept per run in
-    ``examples``. ``on_progress(run name, runs done, runs total)`` after each run.
+    Each attack runs once per k of ``KS``, every run from the same seed; R@k (both directions) is
+    scored from the run aimed at R@k (see the module doc). ``size``, ``interpolation``,
+    ``resize_mode``: load-time resizing (see :class:`RetrievalTask`). ``n_examples`` first gallery
+    images (and each one's first caption) are kept per attack in ``examples``.
+    ``on_progress(name, done, total)`` after each attack (all its runs).
     """
     chosen = gallery_indices(len(dataset), n_images, seed)
     gallery = dataset.subset(chosen)
     task = RetrievalTask(model, gallery, batch_size, size, interpolation, resize_mode)
-    runs: list[tuple[str, Attack | None]] = [("clean", None), *suite]
     first_caption = [int(j) for j in _first_captions(gallery.caption_image, min(n_examples, len(gallery)))]
 
-    outcomes, captions, examples = {}, {}, {}
-    clean: AttackOutcome | None = None
-    for r, (name, attack) in enumerate(runs):
-        torch.manual_seed(attack_seed(seed, name))
-        shown: dict[str, torch.Tensor] = {}
-
-        def keep_examples(idx: torch.Tensor, x: torch.Tensor, adv: torch.Tensor, shown=shown) -> None:
-            if int(idx[0]) == 0:  # a new pass over the gallery (joint mode makes several): keep the last
-                shown.clear()
-            want = idx < n_examples
-            if want.any():
-                shown.setdefault("images", []).append(x[want].cpu())
-                shown.setdefault("adversarial", []).append(adv[want].detach().cpu())
-
-        task.on_batch = keep_examples if n_examples else None
-        if attack is None:
-            clean = AttackOutcome(task.image_emb(), task.text_emb(gallery.captions))
-            result = clean
-        else:
-            result = run_retrieval_attack(attack, task, clean)
-        outcomes[name] = retrieval_outcomes(result.image_emb, result.text_emb, gallery.caption_image)
-        if result.captions is not None:
-            captions[name] = result.captions
-        if n_examples:
-            examples[name] = _examples(gallery, shown, first_caption, result.captions)
+    torch.manual_seed(attack_seed(seed, "clean"))
+    clean = AttackOutcome(task.image_emb(), task.text_emb(gallery.captions))
+    outcomes = {"clean": retrieval_outcomes(clean.image_emb, clean.text_emb, gallery.caption_image)}
+    captions, examples = {}, {}
+    if n_examples:
+        examples["clean"] = _examples(gallery, {}, first_caption, None)
+    for r, (name, attack) in enumerate(suite):
+        outcomes[name] = {}
+        for k in KS:
+            torch.manual_seed(attack_seed(seed, name))
+            shown: dict[str, list[torch.Tensor]] = {}
+            task.on_batch = _example_keeper(shown, n_examples) if n_examples and k == KS[0] else None
+            result = run_retrieval_attack(attack, task, clean, k)
+            scored = retrieval_outcomes(result.image_emb, result.text_emb, gallery.caption_image)
+            outcomes[name].update({key: v for key, v in scored.items() if key.endswith(f"_r{k}")})
+            if k == KS[0]:
+                if result.captions is not None:
+                    captions[name] = result.captions
+                if n_examples:
+                    examples[name] = _examples(gallery, shown, first_caption, result.captions)
+        task.on_batch = None
         if on_progress is not None:
-            on_progress(name, r + 1, len(runs))
+            on_progress(name, r + 1, len(suite))
 
     metrics = {
         f"{dataset.name}.{name}.{key}": round(float(v.float().mean()), 6) for name, out in outcomes.items() for key, v in out.items()
     }
-    threat = {name: (a.threat_model() if a is not None else {"attack": "none"}) for name, a in runs}
-    return RetrievalResult(metrics, outcomes, threat, len(gallery), gallery.n_captions, chosen, captions, examples)
+    threat = {"clean": {"attack": "none"}, **{name: a.threat_model() for name, a in suite}}
+    return RetrievalResult(metrics, outcomes, threat, len(gallery), gallery.n_captions, gallery.source_indices,
+                           gallery.caption_image, gallery.caption_indices, captions, examples)
+
+
+def _example_keeper(shown: dict[str, list[torch.Tensor]], n_examples: int) -> Callable:
+    """An ``on_batch`` hook keeping the first ``n_examples`` gallery images, clean and adversarial, in ``shown``."""
+
+    def keep(idx: torch.Tensor, x: torch.Tensor, adv: torch.Tensor) -> None:
+        if int(idx[0]) == 0:  # a new pass over the gallery (joint mode makes several): keep the last
+            shown.clear()
+        want = idx < n_examples
+        if want.any():
+            shown.setdefault("images", []).append(x[want].cpu())
+            shown.setdefault("adversarial", []).append(adv[want].detach().cpu())
+
+    return keep
 
 
 def _first_captions(caption_image: torch.Tensor, n: int) -> list[int]:

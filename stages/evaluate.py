@@ -140,11 +140,14 @@ def _retrieval(name: str, model: ClipModel, dataset, indices: list[int], p: Para
         bar.add_task(f"{name} on {dataset.name} (retrieval)", total=None)
         result = evaluate_retrieval(model, dataset, suite, len(dataset), e.batch_size, p.seed, size=opts["size"],
                                     interpolation=opts["interpolation"])
+    queries = {"image_indices": result.image_indices.tolist(), "caption_image": result.caption_image.tolist(),
+               "caption_indices": result.caption_indices.tolist()}
     payload = {
         "n": result.n_images, "n_captions": result.n_captions, "metrics": result.metrics,
-        "threat_models": result.threat_models,
+        "threat_models": result.threat_models, **queries,
     }
-    outcomes = {"correct": {f"{a}.{k}": v.int().tolist() for a, per in result.outcomes.items() for k, v in per.items()}}
+    outcomes = {**queries,
+                "correct": {f"{a}.{k}": v.int().tolist() for a, per in result.outcomes.items() for k, v in per.items()}}
     return payload, outcomes, {}
 
 

@@ -334,8 +334,10 @@ def test_text_attack_keeps_budget_and_protected_words(attacked):
     _, test, result = attacked
     clean = test.subset(result.image_indices).captions
     adv = result.captions["word"]
-    changed = [_words_changed(c, a, test.protected) for c, a in zip(clean, adv)]
-    assert max(changed) <= 1 and sum(changed) > len(clean) // 2
+    changed = torch.tensor([_words_changed(c, a, test.protected) for c, a in zip(clean, adv)])
+    # The captions kept are the R@1 run's: those already out of the top 1 are left as they are.
+    hit = result.outcomes["clean"]["t2i_r1"]
+    assert changed.max() <= 1 and not changed[~hit].any() and changed[hit].sum() > hit.sum() // 2
     assert _mean(result, "word", "t2i") < _mean(result, "clean", "t2i")
 
 

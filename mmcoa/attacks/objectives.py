@@ -157,6 +157,46 @@ class RetrievalImageObjective:
         return ObjectiveOutput(loss, above >= self.k)
 
 
+class RetrievalCoAttackImageObjective:
+    """Co-Attack's image step for retrieval (Zhang et al., ACM MM 2022, ``run_before_fusion``): push
+    each image away from its own clean embedding and from its ADVERSARIAL captions.
+
+    Args:
+        clean_emb: [B, D] unnormalised clean embeddings of the batch's images.
+        adv_text_emb: [T, D] unit-norm embeddings of every adversarial gallery caption.
+        positives: [B, T] bool, the captions of each image.
+        alpha: weight of the adversarial-text term (the reference's default, 3).
+        k: fooled = none of the image's adversarial captions is in the top ``k`` (strict ranking).
+
+    Loss, as the reference: KL(softmax(clean) || softmax(adv)) over the unnormalised embedding plus
+    ``alpha`` x KL(softmax(text) || softmax(adv)) over unit-norm embeddings. The reference attacks one
+    (image, caption) pair at a time; here an image is attacked once, the text term averaged over all
+    of its captions.
+    """
+
+    def __init__(self, model: ClipModel, clean_emb: torch.Tensor, adv_text_emb: torch.Tensor, positives: torch.Tensor,
+                 alpha: float = 3.0, k: int = 1):
+        self.model, self.alpha, self.k = model, alpha, k
+        self.clean_logp = F.log_softmax(clean_emb.detach().float(), dim=-1)
+        self.text_emb, self.positives = adv_text_emb.detach(), positives
+        self.text_logp = F.log_softmax(adv_text_emb.detach().float(), dim=-1)
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ObjectiveOutput:
+        raw = self.model.encode_image(images, normalize=False).float()
+        adv_logp, unit_logp = F.log_softmax(raw, dim=-1), F.log_softmax(F.normalize(raw, dim=-1), dim=-1)
+        clean = self.clean_logp[index]
+        away_from_clean = (clean.exp() * (clean - adv_logp)).sum(-1)
+        pos = self.positives[index].float()
+        # KL(text_j || image_i) for every caption j, averaged over the image's own captions.
+        kl_text = (self.text_logp.exp() * self.text_logp).sum(-1).view(1, -1) - unit_logp @ self.text_logp.exp().T
+        away_from_text = (kl_text * pos).sum(1) / pos.sum(1).clamp_min(1)
+        with torch.no_grad():
+            sims = F.normalize(raw, dim=-1) @ self.text_emb.T.float()
+            best = sims.masked_fill(~self.positives[index], float("-inf")).amax(1, keepdim=True)
+            above = ((sims >= best) & ~self.positives[index]).sum(1)
+        return ObjectiveOutput(away_from_clean + self.alpha * away_from_text, above >= self.k)
+
+
 # --- text objectives -------------------------------------------------------------------------
 
 

@@ -3,7 +3,10 @@ field's four on-disk formats, and a small registry.
 
 A :class:`RetrievalDataset` holds the captions of a gallery flat (``captions``) with the image index
 of each (``caption_image``); ``dataset[i]`` reads image ``i`` as uint8 [C, H, W]. Nothing else of an
-image is kept in memory, so a 5,000-image gallery streams through a DataLoader.
+image is kept in memory, so a 5,000-image gallery streams through a DataLoader. Each image and each
+caption also carries its index in the dataset a reader opened (``source_indices``,
+``caption_indices``), kept through :meth:`~RetrievalDataset.subset`, so two evaluations can be paired
+on the same images and captions, never merely on the same gallery size.
 
 Formats (each reader names the offending entry and the fix in a one-line :class:`DataError`):
 
@@ -64,6 +67,9 @@ class RetrievalDataset(Dataset):
             empty for free-form captions).
         read: reference -> uint8 [C, H, W].
         split: the split it holds (recorded in manifests).
+        source_indices: [len(images)] each image's index in the dataset as its reader opened it
+            (default: its position, i.e. this is that dataset).
+        caption_indices: [len(captions)] each caption's index there (default: its position).
 
     ``dataset[i] -> (uint8 [C, H, W], i)``. Every image has at least one caption and no caption is
     empty (checked here, so every reader and :meth:`subset` keeps it true).
@@ -78,10 +84,14 @@ class RetrievalDataset(Dataset):
         protected: set[str] | frozenset[str] = frozenset(),
         read: Callable[[Any], torch.Tensor] = read_image_file,
         split: str = "test",
+        source_indices: torch.Tensor | Sequence[int] | None = None,
+        caption_indices: torch.Tensor | Sequence[int] | None = None,
     ):
         self.name, self.split, self.images, self.captions = name, split, list(images), list(captions)
         self.caption_image = torch.as_tensor(caption_image, dtype=torch.long).reshape(-1)
         self.protected, self.read = set(protected), read
+        self.source_indices = _indices(source_indices, len(self.images), "source_indices", "image")
+        self.caption_indices = _indices(caption_indices, len(self.captions), "caption_indices", "caption")
         if len(self.caption_image) != len(self.captions):
             raise ValueError("caption_image needs one image index per caption")
         empty = [j for j, c in enumerate(self.captions) if not c.strip()]
@@ -109,7 +119,8 @@ class RetrievalDataset(Dataset):
         return f"{self.name}[{i}] ({self.images[i]})"
 
     def subset(self, image_indices: Sequence[int] | torch.Tensor) -> RetrievalDataset:
-        """The gallery restricted to ``image_indices`` (in that order) with all their captions."""
+        """The gallery restricted to ``image_indices`` (in that order) with all their captions; each
+        image and caption keeps its ``source_indices`` / ``caption_indices`` entry."""
         keep = torch.as_tensor(image_indices, dtype=torch.long).reshape(-1)
         new_index = torch.full((len(self.images),), -1, dtype=torch.long)
         new_index[keep] = torch.arange(len(keep))
@@ -125,7 +136,19 @@ class RetrievalDataset(Dataset):
             self.protected,
             self.read,
             self.split,
+            self.source_indices[keep],
+            self.caption_indices[order],
         )
+
+
+def _indices(given: torch.Tensor | Sequence[int] | None, n: int, name: str, what: str) -> torch.Tensor:
+    """``given`` as a long tensor of ``n`` indices (``arange(n)`` when None)."""
+    if given is None:
+        return torch.arange(n)
+    out = torch.as_tensor(given, dtype=torch.long).reshape(-1)
+    if len(out) != n:
+        raise ValueError(f"{name} needs one index per {what}: {len(out)} for {n}")
+    return out
 
 
 # --- building a dataset from entries ------------------------------------------------------------
