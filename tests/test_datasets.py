@@ -402,3 +402,118 @@ def test_fast_decoder_matches_pil_bit_for_bit(tmp_path):
         with Image.open(tmp_path / name) as ref:
             want = torch.from_numpy(np.array(ref.convert("RGB"))).permute(2, 0, 1)
         assert torch.equal(read_image_file(tmp_path / name), want), name
+
+
+# --- a subset that changed after it was written is refused on load --------------------------------
+
+
+def _digits_subset(out, split="test", n=20):
+    from mmcoa.data.subset import write_subset
+
+    return write_subset(open_dataset("digits", split), n, 0, out, cache_max_images=1000, name="digits")
+
+
+def _edit_cache(path):
+    """Change one pixel of a subset's cached images, keeping a valid safetensors file."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(path))
+    t["images"][0, 0, 0, 0] ^= 1
+    save_file(t, str(path))
+
+
+def _edit_manifest(path, **fields):
+    meta = json.loads(path.read_text())
+    meta.update(fields)
+    path.write_text(json.dumps(meta, indent=1))
+
+
+def test_a_changed_subset_is_refused_on_load(tmp_path):
+    from mmcoa.data.manifest import ContentMismatchError
+    from mmcoa.data.subset import open_subset
+
+    meta = _digits_subset(tmp_path / "ok")
+    assert meta["cached"] and len(meta["cache_sha256"]) == len(meta["record_sha256"]) == 64
+    dataset, kept = open_subset(tmp_path / "ok")
+    assert kept == meta["indices"] and len(kept) == 20
+
+    fix = "re-run `mmcoa fetch-eval digits --out "
+    _digits_subset(tmp_path / "pixel")
+    _edit_cache(tmp_path / "pixel" / "images.safetensors")
+    with pytest.raises(ContentMismatchError, match=r"pixel/images\.safetensors: changed since it was written") as err:
+        open_subset(tmp_path / "pixel")
+    assert fix in str(err.value) and isinstance(err.value, DataError)
+
+    for label, fields in {"indices": {"indices": meta["indices"][:-1] + [meta["indices"][-1] + 1]},
+                          "classnames": {"classnames": ["x"] * 10}, "cache hash": {"cache_sha256": "0" * 64}}.items():
+        _digits_subset(tmp_path / label)
+        _edit_manifest(tmp_path / label / "manifest.json", **fields)
+        with pytest.raises(ContentMismatchError, match=r"manifest\.json: changed since it was written") as err:
+            open_subset(tmp_path / label)
+        assert fix in str(err.value), label
+
+    _digits_subset(tmp_path / "old")
+    _edit_manifest(tmp_path / "old" / "manifest.json", record_sha256=None)
+    with pytest.raises(ContentMismatchError, match="records no content hash"):
+        open_subset(tmp_path / "old")
+    _digits_subset(tmp_path / "gone")
+    (tmp_path / "gone" / "images.safetensors").unlink()
+    with pytest.raises(ContentMismatchError, match=r"images\.safetensors: missing"):
+        open_subset(tmp_path / "gone")
+    # the fine-tuning subset names its own command
+    _digits_subset(tmp_path / "train", split="train")
+    _edit_cache(tmp_path / "train" / "images.safetensors")
+    with pytest.raises(ContentMismatchError, match=r"re-run `mmcoa fetch --out \S*train`"):
+        open_subset(tmp_path / "train")
+
+
+def test_a_changed_prepared_split_is_refused_on_load(tmp_path):
+    from mmcoa.data.manifest import ContentMismatchError
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "t" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(_rgb(10, 12)).save(tmp_path / "t" / split / cls / f"{i}.png")
+    prepare(f"folder:{tmp_path / 't'}", tmp_path / "p", n_train=4, n_test=2, seed=0, image_size=8)
+    assert len(load_prepared(tmp_path / "p", "test")) == 2
+    _edit_cache(tmp_path / "p" / "test.safetensors")
+    with pytest.raises(ContentMismatchError, match=r"test\.safetensors: changed since it was written.*prepare"):
+        load_prepared(tmp_path / "p", "test")
+    assert len(load_prepared(tmp_path / "p", "train")) == 4
+
+
+def test_cli_refuses_a_changed_subset_in_one_line_exit_2_writing_nothing(tmp_path):
+    """`mmcoa evaluate` on an evaluation subset whose cache or manifest was edited after `fetch-eval`."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mmcoa.models import create_model, save_model
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"device": "cpu", "threads": 1}))
+    save_model(create_model("mmcoa-test-micro"), tmp_path / "micro")
+    _digits_subset(tmp_path / "cache")
+    _edit_cache(tmp_path / "cache" / "images.safetensors")
+    _digits_subset(tmp_path / "record")
+    _edit_manifest(tmp_path / "record" / "manifest.json", indices=[0] * 20)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    mmcoa = os.path.join(os.path.dirname(sys.executable), "mmcoa")
+    procs = {
+        (label, changed): subprocess.Popen(
+            [mmcoa, "evaluate", "--name", "micro", "--model", str(tmp_path / "micro"), "--data", str(tmp_path / label),
+             "--out", str(tmp_path / f"out_{label}"), "--params", str(tmp_path / "params.yaml")],
+            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for label, changed in (("cache", "images.safetensors"), ("record", "manifest.json"))
+    }
+    for (label, changed), proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        lines = [line for line in (out + err).splitlines() if line.strip()]
+        assert proc.returncode == 2, (label, out, err)
+        assert len(lines) == 1 and "Traceback" not in err, (label, lines)
+        assert f"{label}/{changed}: changed since it was written" in lines[0], lines[0]
+        assert f"re-run `mmcoa fetch-eval digits --out {tmp_path / label}`" in lines[0], lines[0]
+        assert not (tmp_path / f"out_{label}").exists(), label
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [], label  # no temp folder left

@@ -1,8 +1,9 @@
 """The prepared format: a small, stratified, seeded subset of a dataset cached as safetensors.
 
 ``prepare`` writes ``{split}.safetensors`` (uint8 images [N, C, H, W], int64 labels) plus
-``meta.json``; it decodes only the chosen images, one at a time. ``load_prepared`` reads one split
-back as a :class:`PreparedDataset`, itself an :class:`ImageDataset`.
+``meta.json`` (with a hash of each split's tensors); it decodes only the chosen images, one at a time.
+``load_prepared`` reads one split back as a :class:`PreparedDataset`, itself an :class:`ImageDataset`,
+after checking its tensors against the recorded hash.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from mmcoa.data.base import DataError, ImageDataset
+from mmcoa.data.manifest import check_tensors, tensors_sha256
 
 
 class PreparedDataset(ImageDataset):
@@ -88,9 +90,10 @@ def prepare(
         labels = torch.from_numpy(ds.targets[keep].astype(np.int64))
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"{split}.safetensors.tmp"
-        save_file({"images": images, "labels": labels.contiguous()}, str(tmp))
+        tensors = {"images": images, "labels": labels.contiguous()}
+        save_file(tensors, str(tmp))
         staged.append((tmp, out_dir / f"{split}.safetensors"))
-        meta["splits"][split] = {"n": len(labels), "shape": list(images.shape[1:])}
+        meta["splits"][split] = {"n": len(labels), "shape": list(images.shape[1:]), "sha256": tensors_sha256(tensors)}
     for tmp, final in staged:
         os.replace(tmp, final)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -107,4 +110,6 @@ def load_prepared(directory: str | Path, split: str) -> PreparedDataset:
         raise DataError(f"{directory}: no prepared '{split}' split; run `mmcoa fetch` first")
     meta = json.loads(meta_path.read_text())
     tensors = load_file(str(data_path))
+    recorded = meta.get("splits", {}).get(split, {}).get("sha256")
+    check_tensors(tensors, recorded, str(data_path), f"prepare {directory} again (mmcoa.data.prepare)")
     return PreparedDataset(tensors["images"], tensors["labels"], meta["classnames"], meta["templates"], meta["dataset"], split)
