@@ -1,4 +1,5 @@
-"""What every stage shares: params loading, device and seeding, atomic outputs, console, progress."""
+"""What every stage shares: params loading, device and seeding, atomic outputs, console, progress (a bar on a
+terminal, bounded-rate lines off one), where prepared evaluation subsets are cached."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mmcoa.config import Params, ParamsError, load_params, parse_override
+from mmcoa.config import Params, ParamsError, load_params, parse_override, parse_params
 
 console = Console(stderr=True)
 
@@ -36,11 +38,25 @@ class StageError(Exception):
         self.code = code
 
 
-def load(params_path: str | Path, overrides: list[str] | None = None) -> Params:
-    """Validated params, or a :class:`StageError` (exit 2) that names the key."""
+PROJECT_PARAMS = Path("params.yaml")
+
+
+def in_project() -> bool:
+    """Whether the current folder is a project (holds params.yaml), as opposed to a tool run anywhere."""
+    return PROJECT_PARAMS.is_file()
+
+
+def load(params_path: str | Path, overrides: list[str] | None = None, defaults_outside_project: bool = False) -> Params:
+    """Validated params, or a :class:`StageError` (exit 2) that names the key.
+
+    ``defaults_outside_project``: for the tools (attack, evaluate) run outside a project, the default
+    params file being absent means the built-in defaults, as an installed tool runs."""
     try:
         pairs = dict(parse_override(o) for o in overrides or [])
-        params = load_params(params_path, pairs)
+        if defaults_outside_project and Path(params_path) == PROJECT_PARAMS and not in_project():
+            params = parse_params({}, pairs)
+        else:
+            params = load_params(params_path, pairs)
     except ParamsError as err:
         raise StageError(f"invalid params: {err}") from None
     _check_registered(params)
@@ -50,7 +66,8 @@ def load(params_path: str | Path, overrides: list[str] | None = None) -> Params:
 def _check_registered(p: Params) -> None:
     """Names and nested params that only the registries can check (defenses, attacks, datasets)."""
     from mmcoa.attacks import AttackError, create_attack
-    from mmcoa.data import is_dataset, list_datasets
+    from mmcoa.data import DataError, is_dataset, list_datasets
+    from mmcoa.data.local import source_reference
     from mmcoa.data.retrieval import is_retrieval_dataset, list_retrieval_datasets
     from mmcoa.defenses import list_defenses
 
@@ -59,11 +76,17 @@ def _check_registered(p: Params) -> None:
             return
         names = list_datasets() + (list_retrieval_datasets() if retrieval_ok else [])
         schemes = "folder:PATH, csv:PATH" + (", retrieval-json:PATH, retrieval-csv:PATH" if retrieval_ok else "")
+        schemes += ", or a declaration in evaluate.sources; `mmcoa datasets` lists them"
         raise StageError(f"invalid params: {where}: unknown dataset '{name}'; registered: {', '.join(names)} (or {schemes})")
 
     known("data.dataset", p.data.dataset, False)
+    for name, source in p.evaluate.sources.items():
+        try:
+            source_reference(source)
+        except DataError as err:
+            raise StageError(f"invalid params: evaluate.sources.{name}: {err}") from None
     for i, name in enumerate(p.evaluate.datasets):
-        known(f"evaluate.datasets[{i}]", p.evaluate.sources.get(name, name), True)
+        known(f"evaluate.datasets[{i}]", source_reference(p.evaluate.sources.get(name, name)), True)
     for name in p.base.pretrain.datasets if p.base.pretrain else []:
         known(f"base.pretrain.datasets.{name}", name, True)
     for i, m in enumerate(p.finetune.methods):
@@ -161,8 +184,75 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def progress() -> Progress:
-    """A rich progress bar on stderr; plain (no live redraw) when stderr is not a terminal."""
+# Off a terminal (a `dvc repro` log, a batch job) a loop prints a line at most every PROGRESS_SECONDS
+# and at every PROGRESS_FRACTION of its total, whichever comes first; both can be set in the environment.
+PROGRESS_SECONDS = float(os.environ.get("MMCOA_PROGRESS_SECONDS", 30))
+PROGRESS_FRACTION = float(os.environ.get("MMCOA_PROGRESS_FRACTION", 0.1))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class ProgressLines:
+    """Progress as plain lines at a bounded rate, with the rate and the time left.
+
+    The interface is the part of rich's :class:`Progress` the stages use (a context manager,
+    ``add_task(description, total)``, ``update(task, completed=, total=)``), so a loop reports the same
+    way on a terminal (a live bar) and off one (these lines). ``clock`` and ``emit`` are injectable.
+    """
+
+    def __init__(self, every_seconds: float = PROGRESS_SECONDS, every_fraction: float = PROGRESS_FRACTION,
+                 clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] | None = None):
+        self.every_seconds, self.every_fraction, self.clock = every_seconds, every_fraction, clock
+        self.emit = emit or (lambda line: console.print(line, highlight=False, markup=False))
+        self.tasks: list[dict] = []
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+        now = self.clock()
+        self.tasks.append({"description": description, "total": total, "done": 0, "start": now, "last": now,
+                           "last_fraction": 0.0})
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, completed: float | None = None, total: float | None = None, **_: Any) -> None:
+        task = self.tasks[task_id]
+        if total is not None:
+            task["total"] = total
+        if completed is None or completed <= task["done"]:
+            return
+        task["done"] = completed
+        now, total = self.clock(), task["total"]
+        fraction = completed / total if total else 0.0
+        finished = bool(total) and completed >= total
+        due = now - task["last"] >= self.every_seconds or fraction - task["last_fraction"] >= self.every_fraction - 1e-9
+        if finished or due:
+            task["last"], task["last_fraction"] = now, fraction
+            self.emit(self.line(task, now))
+
+    @staticmethod
+    def line(task: dict, now: float) -> str:
+        """``description: done/total (pct) rate, elapsed, time left``."""
+        done, total, elapsed = task["done"], task["total"], now - task["start"]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        count = f"{done:g}/{total:g} ({100 * done / total:.0f}%)" if total else f"{done:g}"
+        speed = f"{rate:.2f}/s" if rate >= 0.1 else (f"{elapsed / done:.0f}s each" if done else "-")
+        left = f", {_duration((total - done) / rate)} left" if total and rate > 0 and done < total else ""
+        return f"{task['description']}: {count}, {speed}, {_duration(elapsed)} elapsed{left}"
+
+
+def progress() -> Progress | ProgressLines:
+    """Progress of a long loop on stderr: a live rich bar on a terminal, bounded-rate lines off one."""
+    if not sys.stderr.isatty():
+        return ProgressLines()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -170,8 +260,17 @@ def progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not sys.stderr.isatty(),
     )
+
+
+def eval_cache_root() -> Path:
+    """Where evaluation subsets prepared from a dataset reference are kept: the project's data/eval-cache,
+    else the user's cache ($MMCOA_EVAL_CACHE, or $XDG_CACHE_HOME/mmcoa/eval-cache)."""
+    if in_project():
+        return Path("data/eval-cache")
+    if os.environ.get("MMCOA_EVAL_CACHE"):
+        return Path(os.environ["MMCOA_EVAL_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mmcoa" / "eval-cache"
 
 
 def log(message: str) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import typer
 
 from mmcoa.data import DataError, open_dataset
-from mmcoa.data.subset import task_of, write_retrieval_subset, write_subset
+from mmcoa.data.evalset import EvalDraw, write_eval_subset
+from mmcoa.data.local import source_reference
+from mmcoa.data.subset import write_subset
 from stages.common import PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, load, log
-
-EVAL_SALT = 1  # the evaluation draw differs from the training draw of the same seed
 
 
 def fetch(
@@ -43,20 +43,11 @@ def fetch_eval(
 ) -> None:
     """Draw the evaluation subset of DATASET: test samples, or a retrieval gallery with its captions."""
     p = load(params, set_)
-    d, e = p.data, p.evaluate
     out = out or Path("data/eval") / dataset
-    reference = e.sources.get(dataset, dataset)
     try:
+        reference = source_reference(p.evaluate.sources.get(dataset, dataset))
         with atomic_dir(out) as tmp:
-            if task_of(reference) == "retrieval":
-                from mmcoa.data.retrieval import open_retrieval
-
-                full = open_retrieval(reference, "test", root=d.root)
-                meta = write_retrieval_subset(full, e.n_images, p.seed + EVAL_SALT, tmp, name=dataset, source=reference)
-            else:
-                source = open_dataset(reference, "test", root=d.root, download=d.download, on_corrupt=d.on_corrupt)
-                meta = write_subset(source, e.n_samples, p.seed + EVAL_SALT, tmp, d.cache_max_images, name=dataset,
-                                    source=reference)
+            meta = write_eval_subset(reference, dataset, tmp, EvalDraw.from_params(p))
     except DataError as err:
         raise StageError(str(err)) from None
     log(f"fetch-eval: {dataset}, {len(meta['indices'])} {'images' if meta.get('task') == 'retrieval' else 'samples'} -> {out}")

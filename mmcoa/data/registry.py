@@ -64,6 +64,11 @@ def list_schemes() -> list[str]:
     return _SCHEMES.names()
 
 
+def scheme_entries() -> list[tuple[str, Callable[[str], DatasetSpec]]]:
+    """(scheme, factory) pairs: what ``mmcoa datasets`` describes from each factory's docstring."""
+    return _SCHEMES.items()
+
+
 def parse_dataset_name(name: str) -> tuple[str | None, str]:
     """(scheme, argument) for ``scheme:ARG`` names, (None, name) for registered names."""
     return _SCHEMES.split_scheme(name)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -54,8 +56,9 @@ def ensure_fashion_mnist(root: Path, download: bool) -> Path:
     if download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(root), train=True, download=True)
-        FashionMNIST(str(root), train=False, download=True)
+        with download_errors("fashion_mnist", raw, f"the files {', '.join(FASHION_MNIST_FILES)}"):
+            FashionMNIST(str(root), train=True, download=True)
+            FashionMNIST(str(root), train=False, download=True)
         return raw
     raise DataError(FASHION_OBTAIN.format(raw=raw))
 
@@ -185,12 +188,37 @@ class TorchvisionItems(ImageDataset):
             raise CorruptImageError(self.describe(i), f"{type(err).__name__}: {err}") from None
 
 
+# A download that cannot reach its server gives up after this many seconds without an answer (a compute
+# node without network may otherwise wait for the system's TCP timeout, minutes).
+DOWNLOAD_TIMEOUT_S = 20.0
+
+
+@contextmanager
+def download_errors(name: str, folder: Path, files: str) -> Iterator[None]:
+    """A failed download (no network, a server gone) as a :class:`DataError` that names the dataset, the
+    folder it was looked for in, and how to place the files there by hand."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        yield
+    except OSError as err:  # URLError, timeouts, refused connections, DNS failures
+        reason = getattr(err, "reason", None) or err
+        raise DataError(
+            f"{name}: not found in {folder} and the download failed ({reason}); without network, fetch {files} on a "
+            f"machine that has it (e.g. `mmcoa fetch-eval {name}` with data.download: true) and copy them into "
+            f"{folder}, then run again with data.download: false"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def _build(name: str, tv: Torchvision, root: Path, split: str, download: bool) -> ImageDataset:
     import torchvision.datasets as tvd
 
     own_split = split in tv.split_kw
     try:
-        ds = getattr(tvd, tv.cls)(str(root), download=download, **tv.split_kw.get(split, {}))
+        with download_errors(name, root / tv.folder, f"torchvision's {tv.cls} files"):
+            ds = getattr(tvd, tv.cls)(str(root), download=download, **tv.split_kw.get(split, {}))
     except ImportError as err:
         raise DataError(f"{name}: torchvision's {tv.cls} needs the package {tv.needs or err.name}; pip install it") from None
     except RuntimeError as err:
