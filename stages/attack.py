@@ -10,7 +10,6 @@ import torch
 import typer
 import yaml
 from pydantic_core import PydanticUndefined
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -21,7 +20,10 @@ from mmcoa.data.subset import open_subset, read_manifest
 from mmcoa.evaluate import SuiteEntry, evaluate_classification, sample_indices
 from mmcoa.models import ModelLoadError
 from mmcoa.zeroshot import select_templates
-from stages.common import loader_options, PARAMS_OPTION, SET_OPTION, StageError, load, progress, runtime_record, setup_runtime, write_json
+from stages.common import (
+    PARAMS_OPTION, SET_OPTION, StageError, load, loader_options, progress, runtime_record, setup_runtime, table_console,
+    write_json,
+)
 from stages.evaluate import eval_subset, open_model
 
 
@@ -66,7 +68,7 @@ def list_all() -> None:
         table.add_column(col, overflow="fold")
     for name in list_attacks():
         table.add_row(name, attack_class(name).kind, escape(_describe(name)))
-    Console().print(table)
+    table_console().print(table)
 
 
 def attack(
@@ -135,7 +137,7 @@ def attack(
     table.add_column("threat model", overflow="fold")
     table.add_row("clean", f"{100 * clean:.2f}%", "-")
     table.add_row(attack_name, f"{100 * robust:.2f}%", repr(atk))
-    Console().print(table)
+    table_console().print(table)
     if out is not None:
         write_json(out, {"clean_acc": clean, "robust_acc": robust, "n": result.n, "threat_model": atk.threat_model(),
                          "dataset": test_set.name, "data_sha256": read_manifest(folder).get("sha256"),

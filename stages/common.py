@@ -69,7 +69,7 @@ def _check_registered(p: Params) -> None:
     from mmcoa.data import DataError, is_dataset, list_datasets
     from mmcoa.data.local import source_reference
     from mmcoa.data.retrieval import is_retrieval_dataset, list_retrieval_datasets
-    from mmcoa.defenses import list_defenses
+    from mmcoa.defenses import check_finetune
 
     def known(where: str, name: str, retrieval_ok: bool) -> None:
         if is_dataset(name) or (retrieval_ok and is_retrieval_dataset(name)):
@@ -89,16 +89,10 @@ def _check_registered(p: Params) -> None:
         known(f"evaluate.datasets[{i}]", source_reference(p.evaluate.sources.get(name, name)), True)
     for name in p.base.pretrain.datasets if p.base.pretrain else []:
         known(f"base.pretrain.datasets.{name}", name, True)
-    for i, m in enumerate(p.finetune.methods):
-        if m not in list_defenses():
-            raise StageError(f"invalid params: finetune.methods[{i}]: unknown defense '{m}'; registered: {', '.join(list_defenses())}")
-    for m in p.finetune.overrides:
-        if m not in list_defenses():
-            raise StageError(f"invalid params: finetune.overrides.{m}: unknown defense; registered: {', '.join(list_defenses())}")
-        try:
-            p.finetune.for_method(m)
-        except Exception as err:  # pydantic error text names the key
-            raise StageError(f"invalid params: finetune.overrides.{m}: {str(err).splitlines()[0]}") from None
+    try:  # defenses and variants, their attacks (side, params, schedule) and options
+        check_finetune(p.finetune)
+    except ValueError as err:
+        raise StageError(f"invalid params: {err}") from None
     for key, suite in (("suite", p.evaluate.suite), ("retrieval_suite", p.evaluate.retrieval_suite)):
         for i, spec in enumerate(suite):
             stray = [d for d in spec.datasets or [] if d not in p.evaluate.datasets]
@@ -273,5 +267,13 @@ def eval_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mmcoa" / "eval-cache"
 
 
+def table_console() -> Console:
+    """A console for tables on stdout: the terminal's width, or off one (a log, a pipe) wide enough that
+    a row stays on one line unless $COLUMNS says otherwise."""
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(width=None if wide else 200)
+
+
 def log(message: str) -> None:
-    console.print(message, highlight=False)
+    """One line on stderr (not wrapped: a log keeps it whole)."""
+    console.print(message, highlight=False, soft_wrap=True)

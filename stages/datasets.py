@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from mmcoa.data import DataError, dataset_spec, default_root, list_datasets
 from mmcoa.data.registry import scheme_entries
 from mmcoa.data.retrieval import list_retrieval_datasets, open_retrieval, read_retrieval_csv, read_retrieval_json
+from stages.common import table_console
 
 # How each scheme is written (its argument); the description is the first line of its opener's docstring.
 SCHEME_FORMS = {"declared": "a mapping in evaluate.sources, inline YAML {csv: PATH, classnames: [...]}, or a .yaml file"}
@@ -57,7 +57,7 @@ def datasets(
     """List the registered datasets (classification and retrieval): classes, splits, where each is looked
     for, how to obtain it; then every other form a dataset can be given in."""
     root = root.expanduser() if root else default_root()
-    out = Console()
+    out = table_console()
     table = Table(title=f"datasets (root: {escape(str(root))})")
     for column in ("name", "task", "classes", "splits", "present", "where", "how to obtain"):
         table.add_column(column, overflow="fold")

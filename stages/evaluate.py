@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 import typer
 import yaml
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from safetensors.torch import save_file
@@ -39,7 +38,7 @@ from mmcoa.stats import accuracy_interval
 from mmcoa.zeroshot import select_templates
 from stages.common import (
     PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, eval_cache_root, load, loader_options, log, progress,
-    runtime_record, setup_runtime, write_json,
+    runtime_record, setup_runtime, table_console, write_json,
 )
 
 
@@ -296,20 +295,26 @@ def print_suite(rows: list[dict]) -> None:
         out.add_column(column, overflow="fold", justify="right" if column in ("n", *entries) else "left")
     for (model, dataset, metric, n), cells in table:
         out.add_row(escape(model), escape(dataset), metric, str(n), *(cells.get(e, "-") for e in entries))
-    Console().print(out)
+    table_console().print(out)
 
 
 def run_suite(models: list[str], datasets: list[str], out: Path | None, p: Params) -> None:
     """Every model on every dataset; one table printed, and written to OUT/suite.{json,md}."""
-    folders = [eval_subset(d, p) for d in datasets]  # every dataset checked before any model runs
+    for text in datasets:  # every name checked before any model loads or any subset is prepared
+        if not is_prepared(text):
+            try:
+                resolve_reference(text, p.evaluate.sources)
+            except DataError as err:
+                raise StageError(str(err)) from None
     device = setup_runtime(p)
-    rows, data = [], []
+    rows, data, folders = [], [], {}
     for ref in models:
         try:
             model = open_model(ref, device)
         except ModelLoadError as err:
             raise StageError(str(err)) from None
-        for folder in folders:
+        for text in datasets:  # prepared (or found in the cache) once a model has loaded
+            folder = folders[text] = folders.get(text) or eval_subset(text, p)
             payload, _, _, meta = evaluate_pair(ref, model, folder, p)
             rows += suite_rows(ref, payload)
             data.append({"dataset": payload["dataset"], "folder": str(folder), "source": meta.get("source"),
