@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):
@@ -91,33 +91,112 @@ class ZeroShotParams(Strict):
     batch_size: int = Field(256, ge=1)
 
 
-class ImageAttackParams(Strict):
-    """An image threat model used at training time (PGD in pixel space)."""
+class BudgetSchedule(Strict):
+    """A linear warm-up of an image attack's budget over the first steps of training.
 
-    norm: Literal["linf", "l2"] = "linf"
-    eps_255: float = Field(1.0, ge=0, le=255)
-    eps: float | None = Field(None, ge=0, description="L2 radius (pixel units); used when norm=l2")
-    step_255: float = Field(1.0, gt=0)
-    steps: int = Field(10, ge=0)
-    random_start: bool = True
+    At step s (from 0) the radius is ``start + (eps - start) * min(1, s / warmup_steps)``, and a step
+    size the attack is given scales with it, so the attack keeps its shape while its ball grows
+    (the warm-up used to fine-tune robustly from a non-robust pretrained model). The start is
+    ``eps_start_255`` (L-inf, 1/255 units) or ``eps_start`` (L2, pixels), 0 by default.
+    """
+
+    warmup_steps: int = Field(ge=1)
+    eps_start_255: float | None = Field(None, ge=0, description="L-inf radius at step 0 (1/255 units)")
+    eps_start: float | None = Field(None, ge=0, description="L2 radius at step 0 (pixels)")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> BudgetSchedule:
+        if self.eps_start_255 is not None and self.eps_start is not None:
+            raise ValueError("give one start radius: eps_start_255 (L-inf) or eps_start (L2)")
+        return self
 
 
-class TextAttackParams(Strict):
-    """A text threat model used at training time (word substitution)."""
+class TrainAttackSpec(Strict):
+    """A train-time adversary, in the evaluation suite's form: a registered attack and its params
+    (checked by the attack registry with the rest of the registered names, like the suite's).
 
-    word_budget: int = Field(1, ge=0)
-    candidates: str = "glove"
-    k: int = Field(10, ge=1, description="Candidates per position")
-    cos_threshold: float = Field(0.5, ge=-1, le=1)
-    mlm_name: str = "bert-base-uncased"
+    ``weight``: its share in a mixture (a list of specs; each step draws one by weight). ``schedule``:
+    an optional warm-up of its budget (image attacks with an eps radius only).
+    """
+
+    attack: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(1.0, ge=0, description="Share of the steps that draw it, in a mixture")
+    schedule: BudgetSchedule | None = None
+
+
+def _train_attack(value: Any) -> TrainAttackSpec | list[TrainAttackSpec] | None:
+    """One spec, a mixture (a list of specs whose weights sum to a positive number) or None; a
+    problem is named by its key inside the slot (``[1].weight: ...``)."""
+    if value is None or isinstance(value, TrainAttackSpec):
+        return value
+    if not isinstance(value, list):
+        return _spec(value, "")
+    if not value:
+        raise ValueError("an empty mixture; give at least one attack, or null for none")
+    specs = [_spec(v, f"[{i}].") for i, v in enumerate(value)]
+    if not sum(s.weight for s in specs) > 0:
+        raise ValueError("the mixture's weights must sum to a positive number")
+    return specs
+
+
+def _spec(value: Any, where: str) -> TrainAttackSpec:
+    if isinstance(value, TrainAttackSpec):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}give {{attack: NAME, params: {{...}}}}, a list of them, or null")
+    try:
+        return TrainAttackSpec.model_validate(value)
+    except ValidationError as err:
+        raise ValueError(describe_error(err, prefix=where)) from None
+
+
+# A train-time adversary slot: one attack, a mixture, or none.
+TrainAttack = Annotated[Any, BeforeValidator(_train_attack)]
+
+# Today's training threat models, unchanged: PGD-10 at 1/255 and one GloVe word substitution.
+DEFAULT_IMAGE_ATTACK = TrainAttackSpec(
+    attack="pgd", params={"norm": "linf", "eps_255": 1.0, "step_255": 1.0, "steps": 10, "random_start": True}
+)
+DEFAULT_TEXT_ATTACK = TrainAttackSpec(
+    attack="word",
+    params={"word_budget": 1, "candidates": "glove", "k": 10, "cos_threshold": 0.5, "mlm_name": "bert-base-uncased"},
+)
+
+
+def train_attack_specs(value: TrainAttackSpec | list[TrainAttackSpec] | None) -> list[TrainAttackSpec]:
+    """A slot's specs as a list (one spec: a mixture of one; None: empty)."""
+    return [] if value is None else [value] if isinstance(value, TrainAttackSpec) else list(value)
+
+
+class OverfitGuardParams(Strict):
+    """Detection of catastrophic overfitting: robust accuracy under PGD collapsing while the training
+    attack's holds. Every ``every`` steps a fixed probe batch of the training set is attacked with the
+    training adversary and with PGD-``pgd_steps`` at the same radius; a gap above ``threshold``
+    (accuracy, as a fraction) is an event: ``stop`` ends training with an error naming the step,
+    ``switch`` trains with that PGD from then on. ``enabled`` None: on for single-step image adversaries.
+    """
+
+    enabled: bool | None = None
+    every: int = Field(10, ge=1)
+    probe_size: int = Field(64, ge=1)
+    pgd_steps: int = Field(10, ge=1)
+    threshold: float = Field(0.2, ge=0, le=1)
+    action: Literal["stop", "switch"] = "switch"
+
+
+# Keys of a variant that are not training params.
+_RECIPE_KEYS = ("defense", "label")
 
 
 class FinetuneParams(Strict):
-    """Adversarial fine-tuning: one training loop, a defense chosen by name."""
+    """Adversarial fine-tuning: one training loop, a defense (or a named variant of one) chosen by name."""
 
-    methods: list[str] = Field(default_factory=lambda: ["mmcoa"], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: ["mmcoa"], min_length=1,
+                               description="Defenses or variants (finetune.variants) to train, one model each")
     template: str | None = Field(None, description="Caption template; None = the dataset's first template")
-    options: dict[str, float] = Field(default_factory=dict, description="Method options, e.g. pmg_aft alpha/beta")
+    options: dict[str, Any] = Field(default_factory=dict, description="The defense's options (its own params "
+                                    "model checks them), e.g. pmg_aft alpha/beta")
     steps: int = Field(100, ge=1)
     batch_size: int = Field(128, ge=2)
     accum_steps: int = Field(1, ge=1)
@@ -134,21 +213,99 @@ class FinetuneParams(Strict):
     checkpoint_every: int = Field(25, ge=1)
     amp: bool = Field(True, description="bf16 autocast on CUDA; ignored on CPU")
     compile: bool = False
-    image_attack: ImageAttackParams = ImageAttackParams()
-    text_attack: TextAttackParams = TextAttackParams()
+    image_attack: TrainAttack = Field(DEFAULT_IMAGE_ATTACK, description="{attack: NAME, params: {...}}, a list "
+                                      "of them (a mixture, each with a weight), or null")
+    text_attack: TrainAttack = Field(DEFAULT_TEXT_ATTACK, description="As image_attack, for the text side")
+    overfit_guard: OverfitGuardParams = OverfitGuardParams()
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Named training recipes: {tecoa_fgsm: {defense: tecoa, label: ..., image_attack: {...}, "
+        "options: {...}}}, any key above allowed; a variant's name serves in methods",
+    )
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="Per-method overrides of any key above, e.g. {fare: {image_attack: {eps_255: 2}}}",
+        description="Per-method (defense or variant) overrides of any key above, e.g. "
+        "{fare: {image_attack: {params: {eps_255: 2}}}}",
     )
 
-    def for_method(self, method: str) -> FinetuneParams:
-        """These params with ``overrides[method]`` merged in (validated again)."""
-        extra = self.overrides.get(method)
-        if not extra:
-            return self
-        merged = _deep_merge(self.model_dump(), extra)
-        merged["overrides"] = {}
-        return FinetuneParams.model_validate(merged)
+    @model_validator(mode="after")
+    def _recipes_resolve(self) -> FinetuneParams:
+        for name, body in self.variants.items():
+            if "defense" not in body:
+                raise ValueError(f"finetune.variants.{name}: names no defense; add defense: NAME")
+            if body["defense"] in self.variants:
+                raise ValueError(f"finetune.variants.{name}.defense: '{body['defense']}' is a variant; name a defense")
+        for name in [*self.variants, *self.overrides]:
+            try:
+                self.recipe(name)
+            except ValidationError as err:
+                raise ValueError(describe_error(err, prefix=self.layer_key(name) + ".")) from None
+        return self
+
+    def defense_of(self, method: str) -> str:
+        """The defense a method names: its variant's ``defense``, or the method itself."""
+        return self.variants[method]["defense"] if method in self.variants else method
+
+    def layer_key(self, method: str) -> str:
+        """Where ``method``'s own settings are written (for messages)."""
+        return f"finetune.variants.{method}" if method in self.variants else f"finetune.overrides.{method}"
+
+    def layers(self, method: str) -> list[tuple[str, dict]]:
+        """(dotted key, settings) applied on top of these params for ``method``, in order:
+        ``overrides[defense]``, then for a variant its own keys and ``overrides[variant]``."""
+        defense = self.defense_of(method)
+        out = [(f"finetune.overrides.{defense}", self.overrides.get(defense, {}))]
+        if method != defense:
+            out += [(f"finetune.variants.{method}", self.variants[method]),
+                    (f"finetune.overrides.{method}", self.overrides.get(method, {}))]
+        return [(key, layer) for key, layer in out if layer]
+
+    def recipe(self, method: str) -> Recipe:
+        """What training ``method`` means: its defense, label (None: the defense's) and training params
+        with every layer of :meth:`layers` merged in, validated again."""
+        layers = self.layers(method)
+        if not layers:
+            return Recipe(name=method, defense=method, params=self.model_copy(
+                update={"methods": [method], "variants": {}, "overrides": {}}))
+        tree = self.model_dump(exclude={"variants", "overrides", "methods"})
+        label = None
+        for _, layer in layers:
+            label = layer.get("label", label)
+            tree = _merge_recipe(tree, {k: v for k, v in layer.items() if k not in _RECIPE_KEYS})
+        params = FinetuneParams.model_validate({**tree, "methods": [method]})
+        return Recipe(name=method, defense=self.defense_of(method), label=label, params=params)
+
+    def slot_key(self, method: str, slot: str) -> str:
+        """The dotted key that set ``slot`` (image_attack, options, ...) for ``method``: the last layer
+        that names it, else this block's."""
+        for key, layer in reversed(self.layers(method)):
+            if slot in layer:
+                return f"{key}.{slot}"
+        return f"finetune.{slot}"
+
+
+class Recipe(Strict):
+    """One trainable method resolved: the defense it trains, an explicit display label (None: the
+    defense's own) and its training params, with no variants or overrides left to apply."""
+
+    name: str
+    defense: str
+    label: str | None = None
+    params: FinetuneParams
+
+
+def _merge_recipe(base: dict, extra: dict) -> dict:
+    """Deep merge, except that an attack slot given a new ``attack`` (or a list, or null) is replaced
+    whole: the params of one attack never leak into another's."""
+    out = dict(base)
+    for key, value in extra.items():
+        slot = key in ("image_attack", "text_attack")
+        replace = slot and (not isinstance(value, dict) or "attack" in value or not isinstance(out.get(key), dict))
+        if not replace and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 class AttackSpec(Strict):
@@ -228,7 +385,7 @@ class Params(Strict):
     data: DataParams = DataParams()
     base: BaseParams = BaseParams()
     zeroshot: ZeroShotParams = ZeroShotParams()
-    finetune: FinetuneParams = FinetuneParams()
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     evaluate: EvaluateParams = EvaluateParams()
 
 
@@ -256,15 +413,16 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def describe_error(err: ValidationError) -> str:
-    """One line per problem: ``key.path: what is wrong``."""
+def describe_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``key.path: what is wrong`` (``prefix`` before each key path). A check of
+    a whole block that names its own full key (``finetune.variants.x: ...``) is printed as it is."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
-        msg = e["msg"]
+        loc = prefix + ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
-        lines.append(f"{loc}: {msg}")
+        lines.append(msg if msg.startswith(loc.rstrip(".") + ".") else f"{loc.rstrip('.')}: {msg}")
     return "; ".join(lines)
 
 

@@ -1,9 +1,10 @@
 """One training loop for every defense (and for pre-training from scratch).
 
 Read top to bottom: pick the trainable towers, build the optimiser and schedule, resume from the
-last checkpoint if there is one, then for each step draw the step's batch, let the defense build
-its adversarial examples and loss, back-propagate, average gradients across ranks, clip, step,
-clamp the logit scale, and checkpoint now and then.
+last checkpoint if there is one, then for each step draw the step's batch, let the defense's
+adversaries pick the step's attack, let the defense build its adversarial examples and loss,
+back-propagate, average gradients across ranks, clip, step, clamp the logit scale, let the monitors
+(a compute ledger, an overfitting guard) see the step, and checkpoint now and then.
 
 Determinism: the batch of step s and the RNG used by step s's attacks are both derived from
 (seed, s, rank), so a run killed at any point and resumed from its last checkpoint ends with the
@@ -25,11 +26,14 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import warnings
+import zipfile
 from contextlib import nullcontext
 from functools import partial
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -38,6 +42,7 @@ from mmcoa.defenses import Defense
 from mmcoa.models import ClipModel, tower_of
 
 CHECKPOINT_NAME = "last.pt"
+PREVIOUS_NAME = "previous.pt"  # the checkpoint before last.pt, kept so that a damaged last.pt costs one interval
 COMPILE_PREFIX = "_orig_mod."
 
 
@@ -47,6 +52,25 @@ class TrainingDiverged(RuntimeError):
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint on disk was written with other params; refusing to resume from it."""
+
+
+class CheckpointUnreadable(RuntimeError):
+    """No checkpoint of the run can be read (truncated, or not a checkpoint); the message names the file."""
+
+
+class Monitor(Protocol):
+    """Watches every step from outside the loss (a compute ledger, an overfitting guard).
+
+    ``begin`` and ``end`` bracket a step (monitors begin in order and end in reverse, so the first
+    one's window holds the others'); ``end`` may add to the step's logs or raise to stop training.
+    ``resume`` sees the history of a resumed run, from which a monitor restores its state.
+    """
+
+    def resume(self, history: list[dict]) -> None: ...
+
+    def begin(self, step: int) -> None: ...
+
+    def end(self, step: int, logs: dict[str, float]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -179,13 +203,16 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def _save_atomic(path: Path, state: dict) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a kill never leaves half a file."""
+def _save_atomic(path: Path, previous: Path, state: dict) -> None:
+    """Write to a temporary file, flush it to disk, keep the old ``path`` as ``previous``, then rename:
+    a kill never leaves half a file, and a file damaged later leaves the one before it."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+    if path.is_file():
+        os.replace(path, previous)
     os.replace(tmp, path)
 
 
@@ -222,20 +249,54 @@ def _trainable(model: ClipModel, defense: Defense) -> list[tuple[str, torch.nn.P
     return trainable
 
 
+# What torch.load raises on a file that is not a whole checkpoint (truncated, emptied, overwritten).
+_UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError)
+
+
 class _Checkpoint:
-    """The run's ``last.pt``: resume from it, write it atomically, and say in a divergence message
-    which good checkpoint is kept. ``path`` None: no checkpoints (nothing is written or read)."""
+    """The run's ``last.pt`` (and the one before it, ``previous.pt``): resume from the newest readable
+    one, write them atomically, and say in a divergence message which good checkpoint is kept.
+    ``path`` None: no checkpoints (nothing is written or read)."""
 
     def __init__(self, path: Path | None, run_hash: str, world: int):
         self.path, self.run_hash, self.world = path, run_hash, world
+        self.previous = path.with_name(PREVIOUS_NAME) if path is not None else None
         self.saved_at: int | None = None
+
+    def _load(self, device: torch.device) -> dict | None:
+        """The newest readable checkpoint: ``last.pt``, else ``previous.pt`` (with a warning naming the
+        unreadable file); None when there is none. Neither readable: :class:`CheckpointUnreadable`."""
+        problems = []
+        for path in (self.path, self.previous):
+            if not path.is_file():
+                continue
+            try:
+                state = torch.load(path, map_location=device, weights_only=True)
+                if not isinstance(state, dict) or "step" not in state:
+                    raise ValueError("not a training checkpoint")
+            except _UNREADABLE as err:
+                problems.append((path, str(err).splitlines()[0] if str(err) else type(err).__name__))
+                continue
+            if problems:
+                warnings.warn(f"{problems[0][0]} is unreadable ({problems[0][1]}); resuming from {path} "
+                              f"(step {state['step']})", stacklevel=3)
+            return state
+        if problems:
+            path, why = problems[0]
+            raise CheckpointUnreadable(
+                f"{path} is unreadable ({why}) and no earlier checkpoint of the run can be read; "
+                f"delete {path.parent} to train from the start"
+            )
+        return None
 
     def resume(self, model: ClipModel, optimizer, scheduler) -> tuple[int, list[dict]]:
         """Load weights, optimiser, schedule, RNG and history of this run's checkpoint, if any;
         return (steps done, history)."""
-        if self.path is None or not self.path.is_file():
+        if self.path is None:
             return 0, []
-        state = torch.load(self.path, map_location=model.device, weights_only=True)
+        state = self._load(model.device)
+        if state is None:
+            return 0, []
         if state.get("run_hash") != self.run_hash:
             raise CheckpointMismatch(
                 f"{self.path} was written by a run with other params (hash {state.get('run_hash')} != "
@@ -257,7 +318,7 @@ class _Checkpoint:
             raise self.diverged("a weight is NaN or inf", step)
         if dist.is_main():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic(self.path, {
+            _save_atomic(self.path, self.previous, {
                 "model": clean_state_dict(model.clip.state_dict()), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step,
                 "run_hash": self.run_hash, "world_size": self.world, "history": json.dumps(history),
@@ -320,6 +381,7 @@ def train(
     run_hash: str = "",
     on_step: Callable[[int, dict], None] | None = None,
     batches: Batches | None = None,
+    monitors: Sequence[Monitor] = (),
 ) -> list[dict]:
     """Train ``model`` in place with ``defense``'s loss; return one log dict per step.
 
@@ -330,8 +392,11 @@ def train(
 
     ``checkpoint_dir``: where ``last.pt`` is written every ``cfg.checkpoint_every`` steps and at the
     end; if it exists with the same ``run_hash``, training resumes from it (another hash raises
-    :class:`CheckpointMismatch`). A non-finite loss, gradient or weight raises
+    :class:`CheckpointMismatch`; an unreadable ``last.pt`` falls back to ``previous.pt``, and none
+    readable raises :class:`CheckpointUnreadable`). A non-finite loss, gradient or weight raises
     :class:`TrainingDiverged` and leaves the last good checkpoint in place.
+
+    ``monitors``: see :class:`Monitor`; what they log joins each step's history.
     """
     world, rank = dist.world_size(), dist.rank()
     _check_batch_size(cfg, world, len(data))
@@ -342,6 +407,8 @@ def train(
     model.eval()  # CLIP towers have no dropout or batch norm; the attack sees the trained function
     ckpt = _Checkpoint(Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None, run_hash, world)
     start, history = ckpt.resume(model, optimizer, scheduler)
+    for monitor in monitors:
+        monitor.resume(history)
     dist.broadcast_module(model.clip)  # replicas start identical, whatever each rank loaded
     if cfg.compile and model.device.type == "cuda":
         compile_towers(model)
@@ -359,13 +426,20 @@ def train(
     for step, (images, labels, _) in zip(range(start, cfg.steps), stream):
         n = step + 1  # steps are counted from 1 in logs, checkpoints and messages
         diverged = partial(ckpt.diverged, step=n)
+        for monitor in monitors:
+            monitor.begin(step)
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         optimizer.zero_grad(set_to_none=True)
+        drawn = defense.start_step(step, cfg.seed)  # same on every rank: (seed, step) alone
         logs = _accumulate(model, defense, images, labels, micro, cfg.accum_steps, autocast, diverged)
         logs.update(_apply_gradients(params, optimizer, scheduler, cfg, diverged))
+        logs.update(drawn)
+        logs.update(defense.attack_seconds())
         if "scale" in defense.trains:
             with torch.no_grad():
                 model.clip.logit_scale.clamp_(max=math.log(cfg.logit_scale_max))
+        for monitor in reversed(monitors):
+            monitor.end(step, logs)
         history.append({"step": n, **logs})
         if on_step is not None:
             on_step(n, logs)

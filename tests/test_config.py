@@ -20,7 +20,7 @@ def test_repo_params_file_is_valid():
     [
         ({"finetune": {"lr": "fast"}}, "finetune.lr"),
         ({"finetune": {"lrr": 1e-5}}, "finetune.lrr"),
-        ({"finetune": {"image_attack": {"eps_255": -1}}}, "finetune.image_attack.eps_255"),
+        ({"finetune": {"image_attack": {"attack": "pgd", "weight": -1}}}, "finetune.image_attack: weight"),
         ({"data": {"n_train": 0}}, "data.n_train"),
         ({"evaluate": {"suite": [{"name": "Bad Name", "attack": "pgd"}]}}, "evaluate.suite.0.name"),
         ({"bogus": 1}, "bogus"),
@@ -45,11 +45,12 @@ def test_duplicate_suite_names_rejected():
 
 def test_overrides_and_dotted_sets(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump({"finetune": {"overrides": {"fare": {"image_attack": {"eps_255": 4}}}}}))
+    path.write_text(yaml.safe_dump({"finetune": {"overrides": {"fare": {"image_attack": {"params": {"eps_255": 4}}}}}}))
     p = load_params(path, dict([parse_override("finetune.lr=0.001"), parse_override("finetune.steps=7")]))
     assert p.finetune.lr == 1e-3 and p.finetune.steps == 7
-    assert p.finetune.for_method("fare").image_attack.eps_255 == 4
-    assert p.finetune.for_method("mmcoa").image_attack.eps_255 == p.finetune.image_attack.eps_255
+    fare = p.finetune.recipe("fare").params.image_attack
+    assert fare.params["eps_255"] == 4 and fare.params["steps"] == p.finetune.image_attack.params["steps"]  # merged
+    assert p.finetune.recipe("mmcoa").params.image_attack == p.finetune.image_attack
 
 
 def test_params_are_frozen():

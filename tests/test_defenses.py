@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcoa.attacks import list_attacks
-from mmcoa.config import ImageAttackParams, TextAttackParams
+from mmcoa.config import TrainAttackSpec
 from mmcoa.defenses import DefenseContext, clip_loss, create_defense, defense_class, list_defenses
 from mmcoa.defenses.pmg_aft import kl
 from mmcoa.models import create_model, tower_of
@@ -22,7 +22,17 @@ from mmcoa.models import create_model, tower_of
 MICRO = "mmcoa-test-micro"
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 TEMPLATE = "a photo of a {c}."
-NO_TEXT = TextAttackParams(word_budget=0)
+NO_TEXT = None
+
+
+def pgd(**params) -> TrainAttackSpec:
+    """A train-time PGD spec (L-inf, 1/255 radius and step, 10 steps, random start, unless given)."""
+    base = {"norm": "linf", "eps_255": 1.0, "step_255": 1.0, "steps": 10, "random_start": True}
+    return TrainAttackSpec(attack="pgd", params={**base, **params})
+
+
+def word(**params) -> TrainAttackSpec:
+    return TrainAttackSpec(attack="word", params=params)
 needs_word = pytest.mark.skipif("word" not in list_attacks(), reason="the 'word' text attack is not registered yet")
 
 
@@ -38,7 +48,7 @@ def batch(n: int = 8, seed: int = 1):
 
 def ctx(**kw) -> DefenseContext:
     kw.setdefault("text_attack", NO_TEXT)
-    kw.setdefault("image_attack", ImageAttackParams(steps=2))
+    kw.setdefault("image_attack", pgd(steps=2))
     return DefenseContext(CLASSES, TEMPLATE, **kw)
 
 
@@ -115,7 +125,7 @@ def test_clip_loss_same_class_targets():
 
 def test_fare_is_zero_when_model_equals_original_and_eps_is_zero():
     model = micro()
-    c = ctx(image_attack=ImageAttackParams(eps_255=0, steps=2), original=copy.deepcopy(model))
+    c = ctx(image_attack=pgd(eps_255=0, steps=2), original=copy.deepcopy(model))
     x, y = batch()
     # (no_grad and grad forwards may take different attention kernels: equal up to rounding)
     assert create_defense("fare", model, c).loss(model, x, y).loss.item() < 1e-10
@@ -126,7 +136,7 @@ def test_fare_loss_is_the_squared_distance_to_the_original_embedding():
     x, y = batch()
     adv = (x + 0.01).clamp(0, 1)
     d = create_defense("fare", model, ctx(original=original))
-    d.pgd = FixedAttack(adv)
+    d.image_adversary = FixedAttack(adv)
     want = ((model.encode_image(adv, normalize=False) - original.encode_image(x, normalize=False)) ** 2).sum(-1).mean()
     assert torch.allclose(d.loss(model, x, y).loss, want, rtol=1e-5)
 
@@ -141,7 +151,7 @@ def test_tecoa_is_the_cross_entropy_of_the_clamped_logits():
     x, y = batch()
     adv = (x - 0.02).clamp(0, 1)
     d = create_defense("tecoa", model, ctx(logit_scale_max=100.0))
-    d.pgd = FixedAttack(adv)
+    d.image_adversary = FixedAttack(adv)
     with torch.no_grad():
         w = F.normalize(model.encode_text(model.tokenize([TEMPLATE.format(c=c) for c in CLASSES])), dim=-1)
     logits = 100.0 * model.encode_image(adv) @ w.T
@@ -161,13 +171,13 @@ def test_kl_by_hand():
 
 def test_pmg_aft_kl_terms_vanish_when_the_three_distributions_agree():
     model = micro()
-    c = ctx(image_attack=ImageAttackParams(eps_255=0), original=copy.deepcopy(model))
+    c = ctx(image_attack=pgd(eps_255=0), original=copy.deepcopy(model))
     x, y = batch()
     out = create_defense("pmg_aft", model, c).loss(model, x, y)
     assert abs(out.logs["kl_orig"]) < 1e-6 and abs(out.logs["kl_clean"]) < 1e-6
     assert out.loss.item() == pytest.approx(out.logs["ce"], abs=1e-6)
     # with a perturbation and another original the terms are positive
-    c2 = ctx(image_attack=ImageAttackParams(eps_255=8, steps=1, step_255=8), original=micro(1))
+    c2 = ctx(image_attack=pgd(eps_255=8, steps=1, step_255=8), original=micro(1))
     out2 = create_defense("pmg_aft", model, c2).loss(model, x, y)
     assert out2.logs["kl_orig"] > 1e-4 and out2.logs["kl_clean"] > 1e-6
 
@@ -206,10 +216,10 @@ def test_mmcoa_loss_matches_hand_computation(same_class):
 def test_mmcoa_attack_leaves_no_gradient_and_the_update_is_the_loss_gradient_only():
     """Real attacks (PGD, and the word attack when registered) leave every .grad None, and the
     weight gradient equals the one of the same loss with the adversarial inputs given as constants."""
-    word = "word" in list_attacks()
+    has_word = "word" in list_attacks()
     model = micro()
     x, y = batch()
-    c = ctx(image_attack=ImageAttackParams(steps=3), text_attack=TextAttackParams(word_budget=1 if word else 0))
+    c = ctx(image_attack=pgd(steps=3), text_attack=word(word_budget=1) if has_word else None)
     d = create_defense("mmcoa", model, c)
     seen = {}
     real_attack = d.attack
@@ -238,7 +248,7 @@ def test_mmcoa_attack_leaves_no_gradient_and_the_update_is_the_loss_gradient_onl
 def test_mmcoa_word_attack_changes_captions():
     model = micro()
     x, y = batch()
-    c = ctx(image_attack=ImageAttackParams(steps=1), text_attack=TextAttackParams(word_budget=1))
+    c = ctx(image_attack=pgd(steps=1), text_attack=word(word_budget=1))
     d = create_defense("mmcoa", model, c)
     adv_images, adv_captions = d.attack(model, x, y)
     captions = c.captions(y)
@@ -266,7 +276,7 @@ def test_one_step_changes_only_the_trained_towers(fmnist, method, moves):
     with torch.no_grad():
         model.clip.logit_scale.fill_(math.log(200.0))  # above the clamp: frozen scales must not be clamped
     before = {n: p.detach().clone() for n, p in model.clip.named_parameters()}
-    c = DefenseContext(train_set.classnames, train_set.templates[0], image_attack=ImageAttackParams(steps=1),
+    c = DefenseContext(train_set.classnames, train_set.templates[0], image_attack=pgd(steps=1),
                        text_attack=NO_TEXT, original=copy.deepcopy(model))
     cfg = TrainConfig(steps=1, batch_size=16, lr=1e-3, optimizer="adam")
     train(model, create_defense(method, model, c), train_set, cfg)

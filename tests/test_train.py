@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcoa.config import ImageAttackParams, TextAttackParams
+from mmcoa.config import TrainAttackSpec
 from mmcoa.defenses import DefenseContext, create_defense
 from mmcoa.models import create_model
 from mmcoa.train import (
     CHECKPOINT_NAME,
+    PREVIOUS_NAME,
     CheckpointMismatch,
+    CheckpointUnreadable,
     TrainConfig,
     TrainingDiverged,
     batch_indices,
@@ -41,8 +43,8 @@ from train_worker import build  # noqa: E402
 def micro_mmcoa(train_set, **ctx_kw):
     torch.manual_seed(0)
     model = create_model(MICRO)
-    ctx_kw.setdefault("image_attack", ImageAttackParams(steps=1))
-    ctx_kw.setdefault("text_attack", TextAttackParams(word_budget=0))
+    ctx_kw.setdefault("image_attack", TrainAttackSpec(attack="pgd", params={"eps_255": 1, "step_255": 1, "steps": 1}))
+    ctx_kw.setdefault("text_attack", None)
     ctx = DefenseContext(train_set.classnames, train_set.templates[0], **ctx_kw)
     return model, create_defense("mmcoa", model, ctx)
 
@@ -113,7 +115,7 @@ def test_checkpoint_holds_the_whole_state_and_resume_is_a_no_op_when_done(fmnist
     cfg = TrainConfig(steps=2, batch_size=8, lr=1e-4, optimizer="adam", checkpoint_every=1)
     history = train(model, defense, train_set, cfg, checkpoint_dir=tmp_path, run_hash="h")
     assert [h["step"] for h in history] == [1, 2]
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, PREVIOUS_NAME]  # no temporary file left
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert {"model", "optimizer", "scheduler", "rng", "step", "run_hash", "history"} <= set(state)
     assert state["step"] == 2 and state["run_hash"] == "h" and len(state["optimizer"]["state"]) > 0

@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from mmcoa import distributed as dist  # noqa: E402
-from mmcoa.config import ImageAttackParams, TextAttackParams  # noqa: E402
+from mmcoa.config import TrainAttackSpec  # noqa: E402
 from mmcoa.data import load_prepared  # noqa: E402
 from mmcoa.defenses import DefenseContext, create_defense  # noqa: E402
 from mmcoa.models import create_model  # noqa: E402
@@ -34,8 +34,9 @@ def build(spec: dict):
     ctx = DefenseContext(
         data.classnames,
         data.templates[0],
-        image_attack=ImageAttackParams(steps=spec.get("pgd_steps", 2), random_start=spec.get("random_start", True)),
-        text_attack=TextAttackParams(word_budget=spec.get("word_budget", 0)),
+        image_attack=TrainAttackSpec(attack="pgd", params={"eps_255": 1, "step_255": 1, "steps": spec.get("pgd_steps", 2),
+                                                           "random_start": spec.get("random_start", True)}),
+        text_attack=TrainAttackSpec(attack="word", params={"word_budget": spec.get("word_budget", 0)}),
     )
     defense = create_defense(spec.get("method", "mmcoa"), model, ctx)
     cfg = TrainConfig(

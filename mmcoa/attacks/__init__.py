@@ -12,6 +12,7 @@ from mmcoa.attacks.base import (
 )
 from mmcoa.attacks import image  # noqa: F401  (registers the image attacks)
 from mmcoa.attacks import apgd  # noqa: F401  (registers apgd_ce, apgd_t and the aa suite)
+from mmcoa.attacks import fast  # noqa: F401  (registers the single-step fgsm and nfgsm)
 from mmcoa.attacks import square  # noqa: F401  (registers the square attack)
 from mmcoa.attacks import text  # noqa: F401  (registers the text attacks)
 from mmcoa.attacks import transfer  # noqa: F401  (registers the transfer attack)

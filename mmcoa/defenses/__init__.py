@@ -1,9 +1,12 @@
 """Defenses: one training loss per method, behind a registry (``create_defense``)."""
 
+from mmcoa.defenses.adversary import Adversary, AdversaryError
 from mmcoa.defenses.base import (
     Defense,
     DefenseContext,
+    DefenseError,
     DefenseOutput,
+    DefenseParams,
     clip_loss,
     create_defense,
     defense_class,
@@ -11,14 +14,22 @@ from mmcoa.defenses.base import (
     register_defense,
 )
 from mmcoa.defenses import clean, fare, mmcoa, pmg_aft, tecoa  # noqa: F401  (register)
+from mmcoa.defenses.recipe import check_finetune, resolve
+
 
 __all__ = [
+    "Adversary",
+    "AdversaryError",
     "Defense",
     "DefenseContext",
+    "DefenseError",
     "DefenseOutput",
+    "DefenseParams",
+    "check_finetune",
     "clip_loss",
     "create_defense",
     "defense_class",
     "list_defenses",
     "register_defense",
+    "resolve",
 ]

@@ -1,9 +1,11 @@
 """The defense contract and registry, and the CLIP contrastive loss they share.
 
 A defense is a training loss: ``loss(model, images, labels) -> DefenseOutput``. It builds its own
-adversarial examples (on the plain module, gradients with respect to inputs only, so no attack
-gradient ever reaches a parameter's ``.grad``), and it declares which towers train (``trains``) and
-whether it needs a frozen copy of the original model.
+adversarial examples with its train-time adversaries (``image_adversary``, ``text_adversary``: any
+registered attack of that side, or a mixture, see ``adversary.py``) on the plain module, gradients
+with respect to inputs only, so no attack gradient ever reaches a parameter's ``.grad``. It declares
+which towers train (``trains``), which sides it attacks (``attacks``), whether it needs a frozen copy
+of the original model, its display ``label`` and its typed options (``Params``, validated).
 
 Precision: under CUDA bf16 autocast the encoders run in bf16, but every loss (logits, softmax,
 cross-entropy, KL, squared distance) is computed in fp32 outside autocast (:func:`fp32`).
@@ -17,23 +19,34 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mmcoa import distributed as dist
-from mmcoa.attacks import create_attack
-from mmcoa.attacks.image import ImageAttack
-from mmcoa.config import ImageAttackParams, TextAttackParams
+from mmcoa.config import DEFAULT_IMAGE_ATTACK, DEFAULT_TEXT_ATTACK, TrainAttack
+from mmcoa.defenses.adversary import Adversary
 from mmcoa.models import ClipModel, distinct
 from mmcoa.registry import Registry
 
 
+class DefenseParams(BaseModel):
+    """Base of each defense's options: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DefenseError(ValueError):
+    """Unknown defense or invalid defense options; the message names the key."""
+
+
 @dataclass
 class DefenseContext:
-    """What a defense needs besides the batch: class prompts, train-time threat models, options."""
+    """What a defense needs besides the batch: class prompts, train-time attack specs (one, a mixture
+    or None per side, in the params' form), options (checked by the defense's ``Params``)."""
 
     classnames: list[str]
     template: str = "This is a photo of a {c}"
-    image_attack: ImageAttackParams = field(default_factory=ImageAttackParams)
-    text_attack: TextAttackParams = field(default_factory=TextAttackParams)
+    image_attack: TrainAttack = DEFAULT_IMAGE_ATTACK
+    text_attack: TrainAttack = DEFAULT_TEXT_ATTACK
     logit_scale_max: float = 100.0
     same_class_targets: bool = False
     original: ClipModel | None = None
@@ -62,31 +75,71 @@ class DefenseOutput:
 
 
 class Defense:
-    """Base class. ``trains`` lists the towers whose parameters the optimiser updates."""
+    """Base class. ``trains`` lists the towers whose parameters the optimiser updates; ``attacks`` the
+    sides it builds adversarial inputs for (each gets an adversary from the context's spec)."""
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # display name in reports
     trains: ClassVar[tuple[str, ...]] = ("image", "text", "scale")
     needs_original: ClassVar[bool] = False
-    trained_against: ClassVar[tuple[str, ...]] = ()  # the train-time attacks it uses: "image", "text"
+    attacks: ClassVar[tuple[str, ...]] = ()  # "image", "text"
+    Params: ClassVar[type[DefenseParams]] = DefenseParams
 
     def __init__(self, model: ClipModel, ctx: DefenseContext):
         self.ctx = ctx
+        self.options = self.validate_options(ctx.options)
         if self.needs_original and ctx.original is None:
             raise ValueError(f"defense '{self.name}' needs the frozen original model (ctx.original)")
+        self.image_adversary = Adversary.from_slot("image", ctx.image_attack) if "image" in self.attacks else None
+        self.text_adversary = Adversary.from_slot("text", ctx.text_attack) if "text" in self.attacks else None
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> DefenseParams:
+        """The defense's typed options; :class:`DefenseError` names an unknown or invalid key."""
+        try:
+            return cls.Params(**options)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: "
+                + ("unknown option" if e["type"] == "extra_forbidden" else e["msg"])
+                for e in err.errors()
+            )
+            raise DefenseError(f"defense '{cls.name}' options: {problems}") from None
 
     def loss(self, model: ClipModel, images: torch.Tensor, labels: torch.Tensor) -> DefenseOutput:
         raise NotImplementedError
+
+    # the train-time adversaries ----------------------------------------------------------
+
+    def adversaries(self) -> dict[str, Adversary]:
+        """The adversaries that run, by side (a side whose attack never changes an input has none)."""
+        return {side: a for side, a in (("image", self.image_adversary), ("text", self.text_adversary)) if a is not None}
+
+    def start_step(self, step: int, seed: int) -> dict[str, float]:
+        """Let each adversary pick the attack of ``step`` (from 0); return what to log about them."""
+        logs: dict[str, float] = {}
+        for adversary in self.adversaries().values():
+            logs.update(adversary.start_step(step, seed))
+        return logs
+
+    def attack_seconds(self) -> dict[str, float]:
+        """Wall seconds each adversary spent since the step started."""
+        return {f"attack_{side}_s": a.seconds for side, a in self.adversaries().items()}
+
+    def record(self, history: list[dict]) -> dict[str, Any]:
+        """What the model trained against, from the attack objects that ran over ``history``: the
+        sides attacked (``trained_against``) and per side the adversary's record (see
+        :meth:`Adversary.record`), None for a side not attacked."""
+        adversaries = self.adversaries()
+        return {"trained_against": list(adversaries),
+                **{f"{side}_attack": a.record(history) if (a := adversaries.get(side)) else None
+                   for side in ("image", "text")}}
 
     # helpers shared by the defenses -------------------------------------------------------
 
     def scale(self, model: ClipModel) -> torch.Tensor:
         """exp(logit_scale), clamped as TeCoA does (the clamp also stops its gradient above max)."""
         return model.logit_scale.clamp(max=self.ctx.logit_scale_max)
-
-    def image_attack(self) -> ImageAttack:
-        a = self.ctx.image_attack
-        budget = {"eps_255": a.eps_255, "step_255": a.step_255} if a.norm == "linf" else {"eps": a.eps}
-        return create_attack("pgd", norm=a.norm, steps=a.steps, random_start=a.random_start, **budget)
 
     def encode_captions(self, model: ClipModel, texts: list[str]) -> torch.Tensor:
         """Unit-norm embeddings of per-sample captions, each distinct caption encoded once."""
@@ -95,7 +148,7 @@ class Defense:
         return emb[rows.to(emb.device)]
 
 
-_REGISTRY: Registry[type[Defense]] = Registry("defense")
+_REGISTRY: Registry[type[Defense]] = Registry("defense", DefenseError)
 
 
 def register_defense(name: str):

@@ -9,6 +9,8 @@ from mmcoa.defenses.base import Defense, DefenseOutput, clip_loss, register_defe
 class CleanFinetune(Defense):
     """loss = CLIP_loss(f(x), g(t)); both towers train."""
 
+    label = "Clean fine-tuning"
+
     def loss(self, model, images, labels):
         scale = self.scale(model)
         img = model.encode_image(images)

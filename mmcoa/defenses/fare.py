@@ -15,19 +15,18 @@ from mmcoa.defenses.base import Defense, DefenseOutput, fp32, inputs_only, regis
 
 @register_defense("fare")
 class FARE(Defense):
+    label = "FARE"
     trains = ("image",)
-    trained_against = ("image",)
+    attacks = ("image",)
     needs_original = True
-
-    def __init__(self, model, ctx):
-        super().__init__(model, ctx)
-        self.pgd = self.image_attack()
 
     def loss(self, model, images, labels):
         with torch.no_grad():
             target = self.ctx.original.encode_image(images, normalize=False).float()
-        with inputs_only(model):
-            adv = self.pgd.perturb(images, EmbeddingDistanceObjective(model, target))
+        adv = images
+        if self.image_adversary is not None:
+            with inputs_only(model):
+                adv = self.image_adversary.perturb(images, EmbeddingDistanceObjective(model, target))
         feats = model.encode_image(adv, normalize=False)
         with fp32(feats):
             loss = ((feats.float() - target) ** 2).sum(-1).mean()

@@ -1,8 +1,9 @@
 """MMCoA (arXiv 2404.19287): multimodal contrastive adversarial training of both towers.
 
-loss = 0.5 * CLIP_loss(f(x'), g(t)) + 0.5 * CLIP_loss(f(x), g(t')), where x' is PGD against the
-zero-shot cross-entropy over all class prompts of the training set, and t' a word-substitution
-attack on the caption that maximises KL(softmax(g(t)) || softmax(g(t'))).
+loss = 0.5 * CLIP_loss(f(x'), g(t)) + 0.5 * CLIP_loss(f(x), g(t')), where x' is the image
+adversary's attack (PGD in the paper) against the zero-shot cross-entropy over all class prompts of
+the training set, and t' the text adversary's (a word substitution in the paper) on the caption,
+maximising KL(softmax(g(t)) || softmax(g(t'))).
 
 Deviations from the authors' code, all deliberate (see README): attack gradients never reach the
 weight update (attacks differentiate w.r.t. their inputs only, with parameters not requiring grad);
@@ -19,33 +20,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmcoa.attacks import create_attack
 from mmcoa.attacks.objectives import EmbeddingKLObjective, ZeroShotImageObjective
 from mmcoa.defenses.base import Defense, DefenseOutput, clip_loss, inputs_only, register_defense
 from mmcoa.zeroshot import ZeroShotClassifier
 
 
-def text_attack_from(params):
-    """The train-time word-substitution attack a :class:`TextAttackParams` describes."""
-    return create_attack(
-        "word",
-        word_budget=params.word_budget,
-        candidates=params.candidates,
-        k=params.k,
-        cos_threshold=params.cos_threshold,
-        mlm_name=params.mlm_name,
-    )
-
-
 @register_defense("mmcoa")
 class MMCoA(Defense):
+    label = "MMCoA"
     trains = ("image", "text", "scale")
-    trained_against = ("image", "text")
+    attacks = ("image", "text")
 
     def __init__(self, model, ctx):
         super().__init__(model, ctx)
-        self.pgd = self.image_attack()
-        self.word = text_attack_from(ctx.text_attack) if ctx.text_attack.word_budget > 0 else None
         self.prompts = [ctx.template.format(c=c) for c in ctx.classnames]
 
     def attack(self, model, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -55,12 +42,14 @@ class MMCoA(Defense):
             with torch.no_grad():
                 prompt_raw = model.encode_text(model.tokenize(self.prompts), normalize=False)
             head = ZeroShotClassifier(model, F.normalize(prompt_raw, dim=-1), scale=self.scale(model).item())
-            adv_images = self.pgd.perturb(images, ZeroShotImageObjective(head, labels))
-            if self.word is None:
+            adv_images = images
+            if self.image_adversary is not None:
+                adv_images = self.image_adversary.perturb(images, ZeroShotImageObjective(head, labels))
+            if self.text_adversary is None:
                 return adv_images, captions
             # captions[i] is prompts[labels[i]]: their clean embeddings are already computed
             # Class-name words stay fixed: a substitution into another class name would be label noise.
-            adv_captions = self.word.perturb(
+            adv_captions = self.text_adversary.perturb(
                 captions, EmbeddingKLObjective(model, prompt_raw[labels]), protected=self.ctx.classnames
             )
         return adv_images, adv_captions

@@ -3,15 +3,16 @@
 loss = CE(p(x'), y) + alpha * KL(p(x') || p_orig(x')) + beta * KL(p(x') || p(x)), where p are the
 zero-shot class distributions of the model being trained, p_orig those of the frozen original, and
 x' TeCoA's PGD. The KL terms keep the robust model close to the original's generalisation.
-``ctx.options``: ``alpha`` and ``beta`` (default 1.0 each).
+Options (``PMGAFT.Params``): ``alpha`` and ``beta`` (default 1.0 each).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from mmcoa.defenses.base import DefenseOutput, fp32, register_defense, zero_shot_logits
+from mmcoa.defenses.base import DefenseOutput, DefenseParams, fp32, register_defense, zero_shot_logits
 from mmcoa.defenses.tecoa import TeCoA
 
 
@@ -22,15 +23,21 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
         return (logp.exp() * (logp - logq)).sum(-1).mean()
 
 
+class PMGAFTParams(DefenseParams):
+    alpha: float = Field(1.0, ge=0, description="Weight of KL(p(x') || p_orig(x')), closeness to the original")
+    beta: float = Field(1.0, ge=0, description="Weight of KL(p(x') || p(x)), closeness to the clean prediction")
+
+
 @register_defense("pmg_aft")
 class PMGAFT(TeCoA):
+    label = "PMG-AFT"
     trains = ("image",)
-    trained_against = ("image",)
+    attacks = ("image",)
     needs_original = True
+    Params = PMGAFTParams
 
     def loss(self, model, images, labels):
-        alpha = float(self.ctx.options.get("alpha", 1.0))
-        beta = float(self.ctx.options.get("beta", 1.0))
+        alpha, beta = self.options.alpha, self.options.beta
         adv = self.adversarial(model, images, labels)
         adv_logits, clean_logits = self.logits(model, torch.cat([adv, images])).split(len(images))
         with torch.no_grad():

@@ -1,0 +1,137 @@
+"""The compute ledger of a training run: what it cost, counted at the model rather than estimated.
+
+Forward and backward passes of each tower are counted by hooks registered on the towers from outside
+(a forward hook on the image tower and on the text transformer; a gradient hook on each output that
+requires a gradient fires once per backward pass through it), with the rows each pass carried, so an
+attack's input-gradient steps and the weight update's pass are counted alike. Per step, the ledger
+logs the passes, the step's wall seconds and each train-time attack's seconds into the history (a
+resumed run's totals are the sums over its restored history); :meth:`ComputeLedger.summary` adds
+device and peak memory (resident set on CPU, the allocator's peak on CUDA). Counts are this process's
+(one rank under data parallelism).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from mmcoa.models import ClipModel
+
+TOWERS = ("image", "text")
+PASS_KEYS = tuple(f"{d}_{t}{u}" for t in TOWERS for d in ("fwd", "bwd") for u in ("", "_rows"))
+
+
+def tower_modules(model: ClipModel) -> dict[str, torch.nn.Module]:
+    """The module each tower's encoder runs through once per encode call."""
+    clip = model.clip
+    text = getattr(clip, "text", None)
+    return {"image": clip.visual, "text": text if isinstance(text, torch.nn.Module) else clip.transformer}
+
+
+def _rows(module: torch.nn.Module, output: torch.Tensor) -> int:
+    """Samples in a tower's output: dim 0, or dim 1 for a sequence-first transformer."""
+    if output.ndim >= 3 and not getattr(module, "batch_first", True):
+        return int(output.shape[1])
+    return int(output.shape[0])
+
+
+class PassCounter:
+    """Counts forward and backward passes (and their rows) through the towers of some models."""
+
+    def __init__(self, *models: ClipModel | None):
+        self.counts = dict.fromkeys(PASS_KEYS, 0)
+        self._handles = []
+        for model in models:
+            if model is not None:
+                for tower, module in tower_modules(model).items():
+                    self._handles.append(module.register_forward_hook(self._forward_hook(tower)))
+
+    def _forward_hook(self, tower: str):
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(out, torch.Tensor):
+                return
+            rows = _rows(module, out)
+            self.counts[f"fwd_{tower}"] += 1
+            self.counts[f"fwd_{tower}_rows"] += rows
+            if out.requires_grad:
+                def on_backward(grad):
+                    self.counts[f"bwd_{tower}"] += 1
+                    self.counts[f"bwd_{tower}_rows"] += rows
+
+                out.register_hook(on_backward)
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The run's peak memory: the CUDA allocator's peak on a GPU, else the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class ComputeLedger:
+    """A training monitor (``mmcoa.train.Monitor``) that logs each step's passes and seconds.
+
+    Put it first among the monitors: its window then holds every other monitor's work (an
+    overfitting guard's probe attacks count as training compute).
+    """
+
+    def __init__(self, device: torch.device, *models: ClipModel | None):
+        self.device = device
+        self.counter = PassCounter(*models)
+        self._t0 = 0.0
+        self._before: dict[str, int] = {}
+
+    def resume(self, history: list[dict]) -> None:
+        """Nothing to restore: totals are sums over the history, which the checkpoint keeps."""
+
+    def begin(self, step: int) -> None:
+        self._sync()
+        self._before = dict(self.counter.counts)
+        self._t0 = time.perf_counter()
+
+    def end(self, step: int, logs: dict[str, float]) -> None:
+        self._sync()
+        logs["step_s"] = time.perf_counter() - self._t0
+        for key, value in self.counter.counts.items():
+            logs[key] = float(value - self._before[key])
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        self.counter.close()
+
+    def summary(self, history: list[dict], batch_size: int) -> dict[str, Any]:
+        """The run's totals (steps of ``history``, restored ones included): passes and rows per tower,
+        images seen, wall seconds, each attack's share of step time, device and peak memory."""
+        total = lambda key: float(sum(h.get(key, 0.0) for h in history))  # noqa: E731
+        seconds = total("step_s")
+        attacks = sorted({k for h in history for k in h if k.startswith("attack_") and k.endswith("_s")})
+        return {
+            "steps": len(history),
+            "images_seen": len(history) * batch_size,
+            **{key: total(key) for key in PASS_KEYS},
+            "wall_s": seconds,
+            **{f"{key[:-2]}_share": (total(key) / seconds if seconds > 0 else 0.0) for key in attacks},
+            "device": str(self.device),
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+
+
+def flat_metrics(prefix: str, summary: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a summary as ``prefix.key`` (a metrics file DVC can show and compare)."""
+    return {f"{prefix}.{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
