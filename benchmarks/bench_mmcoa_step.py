@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from mmcoa.attacks.candidates import match_case  # noqa: E402
 from mmcoa.attacks.text import MASK, Words  # noqa: E402
-from mmcoa.config import ImageAttackParams, TextAttackParams  # noqa: E402
+from mmcoa.config import TrainAttackSpec  # noqa: E402
 from mmcoa.defenses import DefenseContext, create_defense  # noqa: E402
 from mmcoa.models import create_model  # noqa: E402
 from mmcoa.train import TrainConfig, build_optimizer  # noqa: E402
@@ -94,12 +94,12 @@ def reference_word_attack(model, captions: list[str], word, protected: list[str]
     return out
 
 
-def reference_step(model, optimizer, images, labels, prompts, pgd: ImageAttackParams, word, scale_max, classnames) -> float:
-    eps, alpha = pgd.eps_255 / 255, pgd.step_255 / 255
+def reference_step(model, optimizer, images, labels, prompts, pgd: TrainAttackSpec, word, scale_max, classnames) -> float:
+    eps, alpha = pgd.params["eps_255"] / 255, pgd.params["step_255"] / 255
     optimizer.zero_grad()  # before the attack, as the authors do: the attack's gradients leak
     torch.manual_seed(SEED)
     x = (images + torch.empty_like(images).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(pgd.steps):
+    for _ in range(pgd.params["steps"]):
         x.requires_grad_(True)
         class_txt = model.encode_text(model.tokenize(prompts))  # with gradients, every PGD step
         scale = model.logit_scale.clamp(max=scale_max)
@@ -167,16 +167,17 @@ def measure(arch: str, images, labels, classnames, template, pgd_steps: int, wor
     base = create_model(arch)
     ctx = DefenseContext(
         classnames, template,
-        image_attack=ImageAttackParams(eps_255=1, step_255=1, steps=pgd_steps, random_start=True),
-        text_attack=TextAttackParams(word_budget=word_budget),
+        image_attack=TrainAttackSpec(attack="pgd", params=dict(eps_255=1, step_255=1, steps=pgd_steps, random_start=True)),
+        text_attack=TrainAttackSpec(attack="word", params=dict(word_budget=word_budget)),
     )
     prompts = [template.format(c=c) for c in classnames]
     cfg = TrainConfig(steps=1, batch_size=len(images), optimizer="adam", **ADAM)
 
     ours_model = copy.deepcopy(base)
     defense = create_defense("mmcoa", ours_model, ctx)
-    if defense.word is not None:  # load the word vectors and candidate cache once, for both steps
-        defense.word.perturb([prompts[i] for i in labels.tolist()], lambda texts, owners: _zero(texts))
+    word = defense.text_adversary.attack if defense.text_adversary is not None else None
+    if word is not None:  # load the word vectors and candidate cache once, for both steps
+        word.perturb([prompts[i] for i in labels.tolist()], lambda texts, owners: _zero(texts))
     ours_opt = build_optimizer(list(ours_model.clip.named_parameters()), cfg)
     t0 = time.perf_counter()
     ours_loss = our_step(ours_model, ours_opt, defense, images, labels)
@@ -186,7 +187,7 @@ def measure(arch: str, images, labels, classnames, template, pgd_steps: int, wor
     ref_opt = torch.optim.Adam(ref_model.parameters(), **ADAM)
     t0 = time.perf_counter()
     ref_loss = reference_step(
-        ref_model, ref_opt, images, labels, prompts, ctx.image_attack, defense.word, ctx.logit_scale_max, classnames
+        ref_model, ref_opt, images, labels, prompts, ctx.image_attack, word, ctx.logit_scale_max, classnames
     )
     ref_s = time.perf_counter() - t0
     return {"ours_loss": ours_loss, "ref_loss": ref_loss, "ours_s": ours_s, "ref_s": ref_s}
