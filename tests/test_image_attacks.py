@@ -10,7 +10,7 @@ import torch
 from helpers import AsLogits, accuracy, first_test_images
 
 from mmcoa.attacks import AttackError, create_attack, list_attacks
-from mmcoa.attacks.apgd import checkpoints
+from mmcoa.attacks.apgd import apgd_run, checkpoints
 from mmcoa.attacks.objectives import (
     EmbeddingDistanceObjective,
     RetrievalImageObjective,
@@ -74,8 +74,10 @@ def test_registry_params_and_schedule():
         create_attack("apgd_t", norm="l2", eps_255=2)
     with pytest.raises(AttackError, match="n_targets"):
         create_attack("apgd_t", n_targets=0)
-    # Croce & Hein's checkpoints: p = 0, .22, .41, .57, .70, .80, .87, .93, .99
+    # Croce & Hein's checkpoints: p = 0, .22, .41, .57, .70, .80, .87, .93, .99; at few iterations the
+    # reference code's integer windows (3, then one shorter each time, at least 1) halve far earlier
     assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(15) == [3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 
 
 # --- budget, accuracy, gradients --------------------------------------------------------------
@@ -162,6 +164,26 @@ def test_apgd_ce_matches_torchattacks_apgd(classifier, batch):
     ref = torchattacks.APGD(AsLogits(classifier), eps=3 / 255, steps=100, loss="ce", n_restarts=1, seed=0)(x, y)
     # Different random starts: allow one sample either way (200 samples).
     assert accuracy(classifier, ours, y) <= accuracy(classifier, ref, y) + 0.5
+
+
+@pytest.mark.parametrize("steps", [10, 15])
+def test_apgd_run_matches_torchattacks_apgd_from_the_same_start(steps, classifier, batch):
+    """Few iterations, where the paper's checkpoints and the reference code's differ: from the start
+    torchattacks draws, APGD fools the same samples as torchattacks' port of the reference code."""
+    import torchattacks
+
+    x, y = batch
+    keep = correct(classifier, x, y)  # the reference attacks only these, in this order
+    x, y = x[keep], y[keep]
+    eps = 3 / 255
+    torch.manual_seed(0)  # the reference's start, drawn as it draws it: uniform, scaled to the L-inf sphere
+    t = 2 * torch.rand(x.shape) - 1
+    start = (x + eps * t / t.flatten(1).abs().amax(1).view(-1, 1, 1, 1)).clamp(0, 1)
+    _, fooled, _ = apgd_run(ZeroShotImageObjective(classifier, y), x, torch.arange(len(x)), start, "linf", eps, steps)
+    ref = torchattacks.APGD(AsLogits(classifier), eps=eps, steps=steps, loss="ce", n_restarts=1, seed=0)(x, y)
+    ref_fooled = ~correct(classifier, ref, y)
+    assert 5 <= int(ref_fooled.sum()) < len(y)  # the comparison has something to compare
+    assert int((fooled != ref_fooled).sum()) <= 1  # float rounding may flip a borderline sample
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,17 @@
 """APGD-CE, APGD-T and the AutoAttack suite "aa" (Croce & Hein, "Reliable evaluation of adversarial
 robustness with an ensemble of diverse parameter-free attacks", ICML 2020).
 
-Written from the paper's Algorithm 1 and Section 3: projected gradient ascent whose step size
-starts at 2 * eps and is halved at checkpoints w_j = ceil(p_j * N) (p_0 = 0, p_1 = 0.22,
-p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)) when
+Projected gradient ascent whose step size starts at 2 * eps and is halved at checkpoints, on the
+schedule of AutoAttack's reference code (which agrees with the paper's p_0 = 0, p_1 = 0.22,
+p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06) at 100 iterations and differs at few): the first
+checkpoint comes after max(floor(0.22 N), 1) iterations, each later window is the previous one minus
+max(floor(0.03 N), 1), never shorter than max(floor(0.06 N), 1). At a checkpoint the step is halved when
 
-* condition 1: the loss increased in fewer than rho = 0.75 of the steps since the last checkpoint, or
-* condition 2: the step was not halved at the last checkpoint and the best loss has not improved since;
+* condition 1: the loss increased in at most rho = 0.75 of the steps of the window (``<=``), an
+  increase being a step whose loss beats the previous step's (the first step's is compared with 0:
+  the reference's loss history starts at zero), or
+* condition 2: the step was not halved at the last checkpoint and the best loss has not improved
+  since (never at the first checkpoint: the reference counts the start as a halving);
 
 after a halving the iterate restarts from the best point found so far. Each step mixes the projected
 gradient step z with the previous step (momentum alpha = 0.75):
@@ -15,13 +20,13 @@ x_{k+1} = P(x_k + alpha (z_{k+1} - x_k) + (1 - alpha) (x_k - x_{k-1})).
 Every attack here first evaluates the clean images (a sample the objective already counts as fooled
 is left clean, as AutoAttack does) and returns, per sample, the first iterate that fooled it, or else
 the point of highest loss. With ``early_exit=True`` a fooled sample leaves the batch at once; since
-every update is per sample and random starts are drawn for the whole batch, robust accuracy is the
-same as without. Gradients come from ``torch.autograd.grad`` with respect to the input only.
+every update is per sample and random starts are drawn per sample (``mmcoa.attacks.streams``),
+robust accuracy is the same as without, and a sample's outcome does not depend on its batch.
+Gradients come from ``torch.autograd.grad`` with respect to the input only.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,14 +40,19 @@ ALPHA = 0.75  # weight of the new gradient step against the previous step (momen
 
 
 def checkpoints(n_iter: int) -> list[int]:
-    """The iterations w_1 < w_2 < ... <= n_iter at which the step size may be halved."""
-    p = [0.0, 0.22]
-    while True:
-        nxt = round(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06), 10)
-        if nxt > 1.0:
-            break
-        p.append(nxt)
-    return sorted({math.ceil(round(q * n_iter, 6)) for q in p[1:]} - {0})
+    """The iterations w_1 < w_2 < ... <= n_iter after which the step size may be halved.
+
+    Windows as AutoAttack's reference code sizes them: the first max(floor(0.22 N), 1) iterations
+    long, each next one shorter by max(floor(0.03 N), 1), down to at least max(floor(0.06 N), 1).
+    """
+    window = max(int(0.22 * n_iter), 1)
+    shrink, shortest = max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    out, at = [], window
+    while at <= n_iter:
+        out.append(at)
+        window = max(window - shrink, shortest)
+        at += window
+    return out
 
 
 def _evaluate(objective: ImageObjective, x: torch.Tensor, rows: torch.Tensor, need_grad: bool):
@@ -63,8 +73,9 @@ class _APGDState:
     """Per-sample state of one APGD run, one row per sample still in the batch.
 
     ``rows``: the samples' rows in the objective's batch; ``pos``: their positions in the output.
-    ``increases`` counts the steps that raised the loss since the last checkpoint; ``f_best_at_ckpt``
-    and ``halved_at_ckpt`` are the best loss and the halving decision at the last checkpoint.
+    ``increases`` counts the steps that raised the loss since the last checkpoint (``f_prev``: the
+    previous step's loss, 0 before the first step); ``f_best_at_ckpt`` and ``halved_at_ckpt`` are the
+    best loss and the halving decision at the last checkpoint (True at the start).
     """
 
     rows: torch.Tensor
@@ -99,11 +110,11 @@ class _APGDState:
             x_best=x.clone(),
             g_best=grad.clone() if grad is not None else None,
             f_best=f_best,
-            f_prev=loss,
+            f_prev=torch.zeros_like(loss),
             eta=torch.full((m,) + (1,) * (x.ndim - 1), 2.0 * eps, dtype=x.dtype, device=x.device),
             increases=torch.zeros(m, dtype=torch.int32, device=x.device),
             f_best_at_ckpt=f_best.clone(),
-            halved_at_ckpt=torch.zeros(m, dtype=torch.bool, device=x.device),
+            halved_at_ckpt=torch.ones(m, dtype=torch.bool, device=x.device),
         )
 
     def select(self, keep: torch.Tensor) -> None:
@@ -135,14 +146,14 @@ class _APGDState:
 
     def checkpoint(self, window: int) -> None:
         """At a checkpoint ``window`` steps after the last one: halve the step where condition 1 or 2
-        holds, and restart those samples from their best point (with its gradient and loss)."""
-        halve = (self.increases < RHO * window) | (~self.halved_at_ckpt & (self.f_best <= self.f_best_at_ckpt))
+        holds, and restart those samples from their best point (with its gradient). The next step's
+        increase is still judged against the loss of the last iterate, as the reference does."""
+        halve = (self.increases <= RHO * window) | (~self.halved_at_ckpt & (self.f_best <= self.f_best_at_ckpt))
         if halve.any():
             at = halve.view(-1, *([1] * (self.x.ndim - 1)))
             self.eta = torch.where(at, self.eta / 2, self.eta)
             self.x = torch.where(at, self.x_best, self.x)
             self.grad = torch.where(at, self.g_best, self.grad)
-            self.f_prev = torch.where(halve, self.f_best, self.f_prev)
         self.halved_at_ckpt, self.f_best_at_ckpt = halve, self.f_best.clone()
         self.increases.zero_()
 
@@ -239,7 +250,7 @@ class AutoAttackParams(BudgetParams):
 
 
 class _APGDAttack(ImageAttack):
-    """Shared plumbing: clean check, random starts for the whole batch, runs on the robust rows."""
+    """Shared plumbing: clean check, per-sample random starts, runs on the robust rows."""
 
     @property
     def eps(self) -> float:
@@ -253,12 +264,13 @@ class _APGDAttack(ImageAttack):
         done = fooled.clone() if fooled is not None else torch.zeros_like(rows, dtype=torch.bool)
         return x_nat, rows, done, x_nat.clone(), Ball(x_nat, self.params.norm, self.eps)
 
-    def _run(self, objective, x_nat, rows, done, result, ball, gen, early_exit, best_loss=None):
-        """One APGD run on the rows not done yet; updates ``result``, ``done`` and ``best_loss`` in place."""
+    def _run(self, objective, x_nat, rows, done, result, ball, streams, stream, early_exit, best_loss=None):
+        """One APGD run on the rows not done yet, each from its own start in ``stream``; updates
+        ``result``, ``done`` and ``best_loss`` in place."""
         todo = rows[~done]
         if len(todo) == 0:
             return
-        start = ball.random_start(gen)[todo]  # drawn for the whole batch: the same stream in every mode
+        start = ball.random_start(streams, stream, todo)
         adv, fooled, loss = apgd_run(
             objective, x_nat[todo], todo, start, self.params.norm, self.eps, self.params.steps, early_exit
         )
@@ -271,14 +283,14 @@ class _APGDAttack(ImageAttack):
         if fooled is not None:
             done[todo[fooled]] = True
 
-    def _targeted(self, objective, x_nat, rows, done, result, ball, gen, early_exit, n_targets: int):
+    def _targeted(self, objective, x_nat, rows, done, result, ball, streams, early_exit, n_targets: int):
         """APGD-T: one targeted-DLR run per target class, the t-th most likely class other than the top one."""
         with torch.no_grad():
             logits = objective.logits(x_nat, rows)
         order = logits.argsort(dim=1, descending=True)
         for t in range(min(n_targets, logits.shape[1] - 1)):
             targeted = objective.with_loss("dlr_targeted", order[:, t + 1])
-            self._run(targeted, x_nat, rows, done, result, ball, gen, early_exit)
+            self._run(targeted, x_nat, rows, done, result, ball, streams, f"apgd/target{t}", early_exit)
 
     def _check_targeted(self, objective: ImageObjective) -> None:
         if not (callable(getattr(objective, "logits", None)) and callable(getattr(objective, "with_loss", None))):
@@ -309,10 +321,10 @@ class APGDCE(_APGDAttack):
 
     def forward(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         x_nat, rows, done, result, ball = self._setup(images, objective)
-        gen = self.generator(x_nat.device)
+        streams = self.streams(x_nat)
         best_loss = torch.full((len(rows),), -float("inf"), device=x_nat.device) if self.params.restarts > 1 else None
-        for _ in range(self.params.restarts):
-            self._run(objective, x_nat, rows, done, result, ball, gen, early_exit, best_loss)
+        for r in range(self.params.restarts):
+            self._run(objective, x_nat, rows, done, result, ball, streams, f"apgd/ce{r}", early_exit, best_loss)
         return result
 
 
@@ -342,8 +354,7 @@ class APGDT(_APGDAttack):
 
     def forward(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         x_nat, rows, done, result, ball = self._setup(images, objective)
-        gen = self.generator(x_nat.device)
-        self._targeted(objective, x_nat, rows, done, result, ball, gen, early_exit, self.params.n_targets)
+        self._targeted(objective, x_nat, rows, done, result, ball, self.streams(x_nat), early_exit, self.params.n_targets)
         return result
 
 
@@ -372,9 +383,9 @@ class AutoAttackSuite(_APGDAttack):
     def forward(self, images: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         ce = objective.with_loss("ce")
         x_nat, rows, done, result, ball = self._setup(images, ce)
-        gen = self.generator(x_nat.device)
-        self._run(ce, x_nat, rows, done, result, ball, gen, early_exit)
+        streams = self.streams(x_nat)  # the APGD-CE run is apgd_ce's first run (stream apgd/ce0)
+        self._run(ce, x_nat, rows, done, result, ball, streams, "apgd/ce0", early_exit)
         n_classes = getattr(objective, "num_classes", None)
         if n_classes is None or n_classes >= 4:
-            self._targeted(objective, x_nat, rows, done, result, ball, gen, early_exit, self.params.n_targets)
+            self._targeted(objective, x_nat, rows, done, result, ball, streams, early_exit, self.params.n_targets)
         return result

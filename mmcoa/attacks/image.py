@@ -7,8 +7,9 @@ Which point an attack returns, per sample: the first iterate at which the object
 sample fooled, unless the final iterate fools it too (then the final one). Samples never fooled get
 the final iterate. So ``early_exit=True`` (a fooled sample leaves the batch at once) returns a
 fooling point for exactly the samples the full run would, and robust accuracy does not change.
-Random starts are drawn for the whole batch whatever is still active, so both modes consume the
-random stream identically. With restarts, one run (``PGD.run``) returns a point and a fooled flag for
+Random starts are drawn per sample (``mmcoa.attacks.streams``): a sample's start depends on the
+seed, the restart and the sample alone, never on its batch, on which samples are still active or on
+the mode. With restarts, one run (``PGD.run``) returns a point and a fooled flag for
 every sample it attacked, whether the sample stayed to the end or left early; the restart loop
 (``PGD.forward``) only merges runs, so a sample fooled in any restart keeps that restart's point.
 """
@@ -21,6 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from mmcoa.attacks.base import Attack, AttackParams, ImageObjective, register_attack
+from mmcoa.attacks.streams import SampleStreams
 
 
 def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
@@ -72,19 +74,21 @@ class Ball:
             return x.addcmul_(direction, step)
         return x.add_(direction, alpha=step)
 
-    def random_start(self, generator: torch.Generator | None) -> torch.Tensor:
-        """A random point of the set: uniform in the L-inf box, uniform radius and direction for L2.
-
-        Drawn like torchattacks' PGD (one ``uniform_`` on a tensor shaped like the batch), so with
-        the same seed both start from the same point.
-        """
-        x = self.x_nat
+    def random_start(self, streams: SampleStreams, stream: str, rows: torch.Tensor) -> torch.Tensor:
+        """A random point of the set for each of ``rows`` [m]: uniform in the L-inf box, uniform
+        radius and direction for L2. Each sample's draw comes from its own stream (``streams``), so
+        it is the same whatever batch the sample is in."""
+        x = self.x_nat[rows]
+        shape = tuple(x.shape[1:])
         if self.norm == "linf":
-            noise = torch.empty_like(x).uniform_(-self.eps, self.eps, generator=generator)
+            eps = self.eps
+            noise = streams.draw(stream, rows, lambda g: torch.empty(shape).uniform_(-eps, eps, generator=g))
         else:
-            d = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-            r = torch.rand(x.shape[0], dtype=x.dtype, device=x.device, generator=generator)
-            noise = d.div_(_per_sample_norm(d)).mul_(r.view(-1, *([1] * (x.ndim - 1))) * self.eps)
+            def direction_and_radius(g: torch.Generator) -> torch.Tensor:
+                d = torch.randn(shape, generator=g)
+                return d.div_(d.norm().clamp_min(1e-12)).mul_(float(torch.rand((), generator=g)) * self.eps)
+
+            noise = streams.draw(stream, rows, direction_and_radius)
         return noise.add_(x).clamp_(0.0, 1.0)
 
 
@@ -110,10 +114,11 @@ class ImageAttack(Attack):
     def unchanged(self, images: torch.Tensor) -> torch.Tensor:
         return images.detach().clone()
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """A generator seeded with ``params.seed`` (fresh per call), or None for torch's global RNG."""
+    def streams(self, x_nat: torch.Tensor) -> SampleStreams:
+        """The per-sample random streams of one call on ``x_nat``: seeded with ``params.seed``, or
+        else with torch's current global seed (see :mod:`mmcoa.attacks.streams`)."""
         seed = getattr(self.params, "seed", None)
-        return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        return SampleStreams(torch.initial_seed() if seed is None else seed, x_nat)
 
 
 class BudgetParams(AttackParams):
@@ -122,7 +127,7 @@ class BudgetParams(AttackParams):
     norm: Literal["linf", "l2"] = "linf"
     eps_255: float = Field(1.0, ge=0, le=255, description="L-inf radius in 1/255 units")
     eps: float | None = Field(None, ge=0, description="L2 radius in pixel units (norm=l2); default 0.5")
-    seed: int | None = Field(None, description="seed of the random starts; None: torch's global RNG")
+    seed: int | None = Field(None, description="seed of the random draws; None: torch's global seed (torch.initial_seed())")
 
     @model_validator(mode="after")
     def _budget_matches_norm(self):
@@ -244,19 +249,19 @@ class PGD(ImageAttack):
     def forward(self, x_nat: torch.Tensor, objective: ImageObjective, early_exit: bool = False) -> torch.Tensor:
         """Restarts: each run attacks the samples no earlier run fooled; results merged per sample."""
         p = self.params
-        gen = self.generator(x_nat.device)
+        streams = self.streams(x_nat) if p.random_start else None
         ball = Ball(x_nat, p.norm, self.eps)
         all_rows = torch.arange(len(x_nat), device=x_nat.device)
         result, fooled, best_loss = x_nat.clone(), None, None
         for restart in range(p.restarts):
-            # Starts are drawn for the whole batch, whoever is left: every mode consumes one stream.
-            start = ball.random_start(gen) if p.random_start else x_nat.clone()
             rows = all_rows if fooled is None else all_rows[~fooled]
             if len(rows) == 0:
                 break
+            # Each sample's start of each restart is its own draw, whoever else is left.
+            start = ball.random_start(streams, f"pgd/{restart}", rows) if p.random_start else x_nat[rows]
             sub = ball if len(rows) == len(x_nat) else ball.select(rows)
             last = restart == p.restarts - 1
-            adv, run_fooled = self.run(sub, start[rows], rows, objective, early_exit, flag_all=not last)
+            adv, run_fooled = self.run(sub, start, rows, objective, early_exit, flag_all=not last)
             if run_fooled is None:  # no fooled mask: keep, per sample, the restart of higher loss
                 if p.restarts == 1:
                     return adv

@@ -50,8 +50,10 @@ class Transfer(ImageAttack):
         pretrained: the source's weights when ``source`` is an architecture.
         attack, params: the nested image attack (e.g. ``pgd`` with ``eps_255``, ``steps``).
 
-    ``perturb(images [B, C, H, W] in [0, 1], objective, early_exit=False) -> [B, C, H, W]``;
-    ``early_exit`` applies to the source's fooled mask.
+    ``perturb(images [B, C, H, W] in [0, 1], objective, early_exit=False) -> [B, C, H, W]``.
+    The nested attack always runs its full budget on the source: stopping where the source is first
+    fooled would hand the target a barely adversarial image and understate what transfers. So
+    ``early_exit`` (which the target, never queried, cannot inform) changes nothing.
     """
 
     Params = TransferParams
@@ -89,4 +91,4 @@ class Transfer(ImageAttack):
             on_source = objective.on_model(source)
         except ValueError as err:
             raise AttackError(f"attack 'transfer': {err}") from None
-        return self.inner.perturb(x_nat, on_source, early_exit=early_exit)
+        return self.inner.perturb(x_nat, on_source, early_exit=False)  # the full budget (see the class docstring)
