@@ -18,9 +18,11 @@ file that cannot be read, or that holds the weights of another architecture, rai
 :class:`ModelLoadError` naming the file and what was expected.
 
 :class:`ClipModel` takes images as float tensors in [0, 1] and applies the preprocessing its weights
-expect inside (resize to the tower's size with the recorded interpolation, mean/std normalisation), so
-every attack works in pixel space, e.g. on 32 px CIFAR images upsampled inside the model as the MMCoA
-authors do. Checkpoints use open_clip's ``local-dir`` format (``open_clip_config.json`` +
+expect inside (resize to the tower's size with the recorded interpolation and resize mode, mean/std
+normalisation), so every attack works in pixel space, e.g. on 32 px CIFAR images upsampled inside the
+model as the MMCoA authors do. The resize is the data path's own (:func:`mmcoa.data.transforms.resize`,
+antialiased): an image resized by the loader and one resized inside the model are the same pixels.
+Checkpoints use open_clip's ``local-dir`` format (``open_clip_config.json`` +
 ``open_clip_model.safetensors``), with the activation (``model_cfg.quick_gelu``) and preprocessing
 (``preprocess_cfg``) recorded, so every later stage rebuilds the model exactly; a saved folder loads with
 ``open_clip.create_model("local-dir:DIR")`` too.
