@@ -24,7 +24,8 @@ PROMPT_SETS = {
 def select_templates(dataset, prompts: str = "first", templates: list[str] | None = None) -> list[str]:
     """The templates a dataset is classified with: explicit ones, or a named set of its own.
 
-    A text attack edits the first of them; the classifier uses their mean embedding.
+    The classifier uses their mean embedding (:func:`ensemble`); a text attack edits every template's
+    prompt of the true class, and that class is scored with the mean of the edited prompts.
     """
     if templates:
         return list(templates)
@@ -37,14 +38,27 @@ def build_prompts(classnames: list[str], template: str) -> list[str]:
     return [template.format(c=c) for c in classnames]
 
 
+def template_embeddings(
+    model: ClipModel, classnames: list[str], templates: list[str], batch_size: int = 256
+) -> torch.Tensor:
+    """[T, C, D] unit-norm embeddings of every template's prompt of every class."""
+    with torch.no_grad():
+        return torch.stack([model.encode_texts(build_prompts(classnames, t), batch_size) for t in templates])
+
+
+def ensemble(per_template: torch.Tensor) -> torch.Tensor:
+    """[T, ..., D] prompt embeddings -> [..., D]: their mean over templates, unit-normalised.
+
+    The one rule that turns a class's template prompts into its class embedding, used for the clean
+    classifier and for a class whose prompts an attack edited alike."""
+    return torch.nn.functional.normalize(per_template.mean(0), dim=-1)
+
+
 def class_embeddings(
     model: ClipModel, classnames: list[str], templates: list[str], batch_size: int = 256
 ) -> torch.Tensor:
     """[C, D] unit-norm class embeddings: the mean over templates of the prompts' embeddings."""
-    with torch.no_grad():
-        per_template = [model.encode_texts(build_prompts(classnames, t), batch_size) for t in templates]
-        mean = torch.stack(per_template).mean(0)
-    return torch.nn.functional.normalize(mean, dim=-1)
+    return ensemble(template_embeddings(model, classnames, templates, batch_size))
 
 
 class ZeroShotClassifier(nn.Module):
@@ -83,7 +97,12 @@ class ZeroShotClassifier(nn.Module):
         if true_emb is not None:
             if labels is None:
                 raise ValueError("true_emb needs labels: which row of each sample it replaces")
-            own = self.scale * (feats * true_emb.to(feats.dtype)).sum(-1)
+            true_emb = true_emb.to(feats.dtype)
+            own = self.scale * (feats * true_emb).sum(-1)
+            # A true-class embedding equal to the clean one keeps the clean logit bit for bit (the
+            # matmul and the row-wise product may differ in the last bits): zero budget is the identity.
+            clean = (true_emb == self.class_emb.to(feats.dtype)[labels]).all(-1)
+            own = torch.where(clean, logits.gather(1, labels.view(-1, 1)).squeeze(1), own)
             logits = logits.scatter(1, labels.view(-1, 1), own.view(-1, 1))
         return logits
 

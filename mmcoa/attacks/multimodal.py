@@ -1,14 +1,27 @@
 """Multimodal attacks on zero-shot classification: image and text perturbed together.
 
-Each sample's image is perturbed within the image budget and the prompt of its true class within
+Each sample's image is perturbed within the image budget and the prompts of its true class within
 the text budget (the per-sample threat model); the sample counts as robust only if the pair is
 still classified correctly. Three ways to combine the two sides:
 
 * ``independent``: both attacks from clean inputs, then combined (the MMCoA authors' evaluation);
-* ``co_attack`` (Zhang et al., ACM MM 2022): text first, then the image attack pushes the image away
-  from the *adversarial* text embedding (collaborative);
+* ``co_attack`` (Zhang et al., ACM MM 2022, the reference's ``run_before_fusion``): the text is
+  attacked ON ITS OWN first (no image, no label: it maximises KL(softmax(clean text emb) ||
+  softmax(adversarial text emb)), :class:`EmbeddingKLObjective`); then the image attack pushes the
+  image embedding away from its clean embedding and from the adversarial text embedding
+  (:class:`ZeroShotCoAttackObjective`, weight ``alpha``). In zero-shot classification "the text" of
+  a sample is the prompt of its true class (every template's prompt, with an ensemble), and "the
+  adversarial text embedding" is the true class's embedding built from the attacked prompts. Two
+  things are ours, not the reference's: the image attack stops early once the pair is misclassified
+  (the reported outcome), and the pair is judged by the classifier;
 * ``joint``: ``rounds`` alternations of best responses: the text against the current adversarial
   image, then the image against the current adversarial text (each from its clean input).
+
+Prompt ensembles: the classifier scores class c with ``ensemble`` of its template prompts' embeddings
+(:mod:`mmcoa.zeroshot`); an attacked true class is scored with the same rule over its attacked
+prompts, each template's prompt edited within the text budget (templates in turn, each against the
+others as they stand). A prompt left unchanged keeps the clean embedding bit for bit, so a zero budget
+reproduces the clean logits exactly.
 """
 
 from __future__ import annotations
@@ -20,66 +33,158 @@ import torch
 from pydantic import Field
 
 from mmcoa.attacks.base import Attack, AttackParams, attack_class, create_attack, register_attack
-from mmcoa.attacks.objectives import ZeroShotImageObjective, ZeroShotTextObjective
-from mmcoa.zeroshot import ZeroShotClassifier
+from mmcoa.attacks.objectives import (
+    EmbeddingKLObjective,
+    ZeroShotCoAttackObjective,
+    ZeroShotImageObjective,
+    ZeroShotTextObjective,
+)
+from mmcoa.models import distinct
+from mmcoa.zeroshot import ZeroShotClassifier, build_prompts, ensemble, template_embeddings
+
+Prompts = list[list[str]]  # [T][B]: each template's prompt of each sample's true class
 
 
 @dataclass
 class ZeroShotAttackResult:
-    """Outcome on one batch: adversarial inputs and the final logits."""
+    """Outcome on one batch: adversarial inputs and the final logits. ``texts`` are the first
+    template's (adversarial) prompts; ``prompts`` every template's, [T][B]."""
 
     images: torch.Tensor
     texts: list[str] | None
     logits: torch.Tensor
+    prompts: Prompts | None = None
 
     def correct(self, labels: torch.Tensor) -> torch.Tensor:
         return self.logits.argmax(1) == labels
 
 
 class ZeroShotTask:
-    """A batch of zero-shot classification under attack: classifier, class prompts, the class
-    names a text attack must leave alone (``protected``), and the class names in label order
-    (``classnames``; the typographic attack writes them into images)."""
+    """A batch of zero-shot classification under attack: the classifier, the class prompts behind
+    it, the class names a text attack must leave alone (``protected``), and the class names in label
+    order (``classnames``; the typographic attack writes them into images).
+
+    ``prompts`` [C] are the class prompts of one template; with ``templates`` (and ``classnames``)
+    the prompts are every template's, and the classifier must be their ensemble. The task checks that
+    ``classifier`` is exactly the classifier its prompts build (so an attack sees the classifier
+    clean accuracy is measured with) and raises ValueError otherwise.
+    """
 
     def __init__(
         self,
         classifier: ZeroShotClassifier,
-        prompts: list[str],
+        prompts: list[str] | None = None,
         protected: set[str] | None = None,
         classnames: list[str] | None = None,
+        templates: list[str] | None = None,
     ):
-        self.classifier, self.prompts, self.protected = classifier, prompts, protected or set()
-        self.classnames = classnames
+        if templates:
+            if classnames is None:
+                raise ValueError("templates need classnames to build the prompts")
+            self.prompt_sets = [build_prompts(list(classnames), t) for t in templates]
+            self.template_emb = template_embeddings(classifier.model, list(classnames), list(templates))
+        elif prompts is not None:
+            self.prompt_sets = [list(prompts)]
+            self.template_emb = template_embeddings(classifier.model, list(prompts), ["{c}"])
+        else:
+            raise ValueError("a zero-shot task needs its class prompts (prompts, or classnames and templates)")
+        built = ensemble(self.template_emb).to(classifier.class_emb.device)
+        if built.shape != classifier.class_emb.shape or not torch.allclose(built, classifier.class_emb, atol=1e-4):
+            raise ValueError("the classifier's class embeddings are not the mean of these prompts' embeddings "
+                             "(a prompt ensemble?): pass the templates it was built with (templates=...)")
+        self.classifier, self.protected, self.classnames = classifier, protected or set(), classnames
+        self.prompts = self.prompt_sets[0]
+
+    @classmethod
+    def from_templates(cls, model, classnames: list[str], templates: list[str], protected: set[str] | None = None,
+                       **classifier_kw) -> ZeroShotTask:
+        """The classifier of ``templates`` and its task, class names protected unless told otherwise."""
+        clf = ZeroShotClassifier.from_prompts(model, list(classnames), list(templates), **classifier_kw)
+        prot = set(classnames) if protected is None else protected
+        return cls(clf, protected=prot, classnames=list(classnames), templates=list(templates))
+
+    @property
+    def n_templates(self) -> int:
+        return len(self.prompt_sets)
 
     def texts_for(self, labels: torch.Tensor) -> list[str]:
-        return [self.prompts[i] for i in labels.tolist()]
+        """The first template's prompt of each sample's true class."""
+        return self.prompts_for(labels)[0]
 
-    def true_emb(self, texts: list[str]) -> torch.Tensor:
-        with torch.no_grad():
-            return self.classifier.model.encode_texts(texts)
+    def prompts_for(self, labels: torch.Tensor) -> Prompts:
+        """Every template's prompt of each sample's true class, [T][B]."""
+        ys = labels.tolist()
+        return [[p[y] for y in ys] for p in self.prompt_sets]
+
+    def prompt_emb(self, prompts: Prompts, labels: torch.Tensor) -> torch.Tensor:
+        """[T, B, D] unit-norm embeddings of the prompts; an unchanged prompt keeps its clean row."""
+        out = self.template_emb[:, labels.to(self.template_emb.device)].clone()
+        clean = self.prompts_for(labels)
+        todo = [(t, i) for t, (adv, ref) in enumerate(zip(prompts, clean))
+                for i, (a, r) in enumerate(zip(adv, ref)) if a != r]
+        if todo:
+            unique, rows = distinct([prompts[t][i] for t, i in todo])
+            with torch.no_grad():
+                emb = self.classifier.model.encode_texts(unique)[rows.to(out.device)]
+            for (t, i), e in zip(todo, emb):
+                out[t, i] = e.to(out.dtype)
+        return out
+
+    def true_emb(self, prompts: Prompts, labels: torch.Tensor) -> torch.Tensor:
+        """[B, D] the true class's embedding from its (adversarial) prompts, built as the classifier
+        builds every class embedding; a sample whose prompts are all unchanged gets the clean row."""
+        emb = ensemble(self.prompt_emb(prompts, labels))
+        clean = self.prompts_for(labels)
+        same = torch.tensor([all(p[i] == c[i] for p, c in zip(prompts, clean)) for i in range(len(labels))],
+                            device=emb.device)
+        class_emb = self.classifier.class_emb[labels.to(emb.device)].to(emb.dtype)
+        return torch.where(same.view(-1, 1), class_emb, emb)
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor, labels: torch.Tensor, texts: list[str] | None) -> torch.Tensor:
-        true = None if texts is None else self.true_emb(texts)
-        return self.classifier(images, true, labels if texts is not None else None)
+    def logits(self, images: torch.Tensor, labels: torch.Tensor, prompts: Prompts | None) -> torch.Tensor:
+        true = None if prompts is None else self.true_emb(prompts, labels)
+        return self.classifier(images, true, labels if prompts is not None else None)
 
-    def image_feats(self, images: torch.Tensor) -> torch.Tensor:
+    def image_feats(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         with torch.no_grad():
-            return self.classifier.model.encode_image(images)
+            return self.classifier.model.encode_image(images, normalize=normalize)
+
+    def result(self, images: torch.Tensor, labels: torch.Tensor, prompts: Prompts | None) -> ZeroShotAttackResult:
+        texts = None if prompts is None else prompts[0]
+        return ZeroShotAttackResult(images, texts, self.logits(images, labels, prompts), prompts)
 
     # one side at a time ------------------------------------------------------------------
 
-    def attack_image(self, attack, images, labels, texts=None, early_exit=True):
-        true = None if texts is None else self.true_emb(texts)
+    def attack_image(self, attack, images, labels, prompts: Prompts | None = None, early_exit=True):
+        true = None if prompts is None else self.true_emb(prompts, labels)
         objective = ZeroShotImageObjective(
             self.classifier, labels, true_emb=true, prompts=self.prompts, classnames=self.classnames
         )
         return attack.perturb(images, objective, early_exit=early_exit)
 
-    def attack_text(self, attack, images, labels, texts=None):
-        texts = texts if texts is not None else self.texts_for(labels)
-        objective = ZeroShotTextObjective(self.classifier, self.image_feats(images), labels)
-        return attack.perturb(texts, objective, protected=self.protected)
+    def attack_text(self, attack, images, labels) -> Prompts:
+        """Every template's true-class prompt attacked against ``images``, templates in turn: each
+        maximises the margin of the classifier with the other templates as they stand."""
+        prompts = self.prompts_for(labels)
+        feats = self.image_feats(images)
+        current = self.template_emb[:, labels.to(self.template_emb.device)].clone() if self.n_templates > 1 else None
+        for t in range(self.n_templates):
+            objective = ZeroShotTextObjective(self.classifier, feats, labels, current, slot=t)
+            prompts[t] = attack.perturb(prompts[t], objective, protected=self.protected)
+            if current is not None:
+                current[t] = self.prompt_emb(prompts, labels)[t]
+        return prompts
+
+    def attack_text_alone(self, attack, labels) -> Prompts:
+        """Every true-class prompt attacked on its own (Co-Attack's text step): away from its clean
+        embedding, no image and no label."""
+        prompts = self.prompts_for(labels)
+        model = self.classifier.model
+        for t in range(self.n_templates):
+            with torch.no_grad():
+                clean = model.encode_text(model.tokenize(prompts[t]), normalize=False)
+            prompts[t] = attack.perturb(prompts[t], EmbeddingKLObjective(model, clean), protected=self.protected)
+        return prompts
 
 
 def run_zeroshot_attack(attack: Attack, task: ZeroShotTask, images: torch.Tensor, labels: torch.Tensor) -> ZeroShotAttackResult:
@@ -88,13 +193,11 @@ def run_zeroshot_attack(attack: Attack, task: ZeroShotTask, images: torch.Tensor
 
 
 def _run_image(attack, task, images, labels):
-    adv = task.attack_image(attack, images, labels)
-    return ZeroShotAttackResult(adv, None, task.logits(adv, labels, None))
+    return task.result(task.attack_image(attack, images, labels), labels, None)
 
 
 def _run_text(attack, task, images, labels):
-    texts = task.attack_text(attack, images, labels)
-    return ZeroShotAttackResult(images, texts, task.logits(images, labels, texts))
+    return task.result(images, labels, task.attack_text(attack, images, labels))
 
 
 def _run_multimodal(attack, task, images, labels):
@@ -116,6 +219,7 @@ class MultimodalParams(AttackParams):
     image: SubAttack = SubAttack(attack="pgd", params={"eps_255": 1, "step_255": 0.25, "steps": 10})
     text: SubAttack = SubAttack(attack="word", params={"word_budget": 1})
     rounds: int = Field(2, ge=1, description="Alternations of text and image attack for mode=joint")
+    alpha: float = Field(3.0, ge=0, description="co_attack: weight of the away-from-adversarial-text term")
 
 
 @register_attack("multimodal")
@@ -145,20 +249,27 @@ class MultimodalAttack(Attack):
         mode = self.params.mode
         if mode == "independent":
             adv_img = task.attack_image(self.image_attack, images, labels)
-            texts = task.attack_text(self.text_attack, images, labels)
+            prompts = task.attack_text(self.text_attack, images, labels)
         elif mode == "co_attack":
-            texts = task.attack_text(self.text_attack, images, labels)
-            adv_img = task.attack_image(self.image_attack, images, labels, texts)
+            adv_img, prompts = self._co_attack(task, images, labels)
         else:
-            adv_img, texts = self._joint(task, images, labels)
-        return ZeroShotAttackResult(adv_img, texts, task.logits(adv_img, labels, texts))
+            adv_img, prompts = self._joint(task, images, labels)
+        return task.result(adv_img, labels, prompts)
+
+    def _co_attack(self, task, images, labels):
+        # The text on its own first; then the image away from its clean embedding and from the
+        # adversarial true-class embedding (module docstring).
+        prompts = task.attack_text_alone(self.text_attack, labels)
+        objective = ZeroShotCoAttackObjective(task.classifier, labels, task.image_feats(images, normalize=False),
+                                              task.true_emb(prompts, labels), self.params.alpha)
+        return self.image_attack.perturb(images, objective, early_exit=True), prompts
 
     def _joint(self, task, images, labels):
-        # Alternating best responses: each round re-attacks the text (from the clean prompt) against
+        # Alternating best responses: each round re-attacks the text (from the clean prompts) against
         # the current adversarial image, then the image (from the clean image) against the current
         # adversarial text. Both attacks start from clean inputs, so both budgets hold.
-        x, texts = images, None
+        x, prompts = images, None
         for _ in range(self.params.rounds):
-            texts = task.attack_text(self.text_attack, x, labels)
-            x = task.attack_image(self.image_attack, images, labels, texts)
-        return x, texts
+            prompts = task.attack_text(self.text_attack, x, labels)
+            x = task.attack_image(self.image_attack, images, labels, prompts)
+        return x, prompts

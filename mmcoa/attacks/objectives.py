@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mmcoa.attacks.base import ObjectiveOutput
 from mmcoa.models import ClipModel, distinct
-from mmcoa.zeroshot import ZeroShotClassifier, class_embeddings
+from mmcoa.zeroshot import ZeroShotClassifier, class_embeddings, ensemble
 
 # --- losses on logits ------------------------------------------------------------------------
 
@@ -126,6 +126,47 @@ class EmbeddingDistanceObjective:
         return ObjectiveOutput(((feats - self.clean_feats[index]) ** 2).sum(-1))
 
 
+def softmax_kl(target_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, from log-probabilities: p = exp(target_logp), q = exp(logp)."""
+    return (target_logp.exp() * (target_logp - logp)).sum(-1)
+
+
+class ZeroShotCoAttackObjective:
+    """Co-Attack's image step (Zhang et al., ACM MM 2022, ``run_before_fusion``) on zero-shot
+    classification: push each image away from its clean embedding and from the ADVERSARIAL embedding
+    of its true class's prompt.
+
+    Args:
+        classifier: the zero-shot head the result is judged with.
+        labels: [B] true labels.
+        clean_emb: [B, D] unnormalised clean image embeddings.
+        true_emb: [B, D] unit-norm adversarial true-class embeddings (the text attacked first).
+        alpha: weight of the adversarial-text term (the reference's default, 3).
+
+    Loss, as the reference: KL(softmax(clean) || softmax(adv)) over the unnormalised image embedding
+    plus ``alpha`` x KL(softmax(true_emb) || softmax(adv / ||adv||)). No label enters the loss; fooled
+    (for early exit and the returned iterate) is a misclassification by ``classifier`` with
+    ``true_emb`` in place of the true class: the outcome that is reported.
+    """
+
+    def __init__(self, classifier: ZeroShotClassifier, labels: torch.Tensor, clean_emb: torch.Tensor,
+                 true_emb: torch.Tensor, alpha: float = 3.0):
+        self.classifier, self.labels, self.alpha = classifier, labels, alpha
+        self.clean_logp = F.log_softmax(clean_emb.detach().float(), dim=-1)
+        self.true_emb = true_emb.detach()
+        self.text_logp = F.log_softmax(self.true_emb.float(), dim=-1)
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor) -> ObjectiveOutput:
+        raw = self.classifier.model.encode_image(images, normalize=False)
+        unit = F.normalize(raw, dim=-1)
+        from_clean = softmax_kl(self.clean_logp[index], F.log_softmax(raw.float(), dim=-1))
+        from_text = softmax_kl(self.text_logp[index], F.log_softmax(unit.float(), dim=-1))
+        with torch.no_grad():
+            y = self.labels[index]
+            logits = self.classifier.logits_from_features(unit.detach(), self.true_emb[index], y)
+        return ObjectiveOutput(from_clean + self.alpha * from_text, logits.argmax(1) != y)
+
+
 class RetrievalImageObjective:
     """Image -> text retrieval: push each image's own captions down the ranking.
 
@@ -227,17 +268,33 @@ class ZeroShotTextObjective:
 
     ``image_feats`` [B, D] are the (clean or adversarial) unit-norm image embeddings; the score of a
     candidate prompt is the margin max_{j != y} z_j - z_y with z_y computed against the candidate.
+
+    With a prompt ensemble, ``templates`` [T, B, D] holds the unit-norm embeddings of each sample's
+    true-class prompts, one per template (clean, or already attacked), and the candidates are prompts
+    of template ``slot``: z_y is computed against :func:`~mmcoa.zeroshot.ensemble` of the templates with
+    row ``slot`` replaced by the candidate, the way the class embedding itself is built.
     """
 
-    def __init__(self, classifier: ZeroShotClassifier, image_feats: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, classifier: ZeroShotClassifier, image_feats: torch.Tensor, labels: torch.Tensor,
+                 templates: torch.Tensor | None = None, slot: int = 0):
         self.classifier, self.image_feats, self.labels = classifier, image_feats.detach(), labels
+        self.templates, self.slot = templates, slot
         self.encode = _TextEncoder(classifier.model)
+
+    def true_emb(self, emb: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+        """The true-class embedding a candidate (its embedding ``emb``) gives each owner."""
+        if self.templates is None:
+            return emb
+        rows = self.templates[:, owners].clone()
+        rows[self.slot] = emb.to(rows.dtype)
+        return ensemble(rows)
 
     def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
         emb, fits = self.encode(texts)
+        owners = owners.to(emb.device)
         feats, y = self.image_feats[owners], self.labels[owners]
         with torch.no_grad():
-            logits = self.classifier.logits_from_features(feats, emb, y)
+            logits = self.classifier.logits_from_features(feats, self.true_emb(emb, owners), y)
         m = margin(logits.float(), y)
         # A candidate longer than the text tower's context would be truncated, which can cut the class
         # name off the prompt: that changes the label, it does not attack the model. Never accept one.
@@ -257,9 +314,7 @@ class EmbeddingKLObjective:
 
     def __call__(self, texts: list[str], owners: torch.Tensor) -> ObjectiveOutput:
         adv_logp = F.log_softmax(self.encode(texts)[0].float(), dim=-1)
-        clean_logp = self.clean_logp[owners]
-        kl = (clean_logp.exp() * (clean_logp - adv_logp)).sum(-1)
-        return ObjectiveOutput(kl)
+        return ObjectiveOutput(softmax_kl(self.clean_logp[owners], adv_logp))
 
 
 class RetrievalTextObjective:

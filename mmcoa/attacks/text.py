@@ -25,23 +25,29 @@ edited and never offered as substitutes.
 
 PROTECTION RULE (class names are the label). ``perturb(texts, objective, protected=...)`` takes the
 words of the label set (evaluation passes the dataset's class-name words; multi-word names and hyphen
-parts are split into words). A substitution that turns a prompt into another class name, or a
-near-synonym of one, changes the label and is not an adversarial example, so:
+parts are split into words). Editing a class-name word, or turning a prompt into another class name or
+a near-synonym of one, changes the label and is not an adversarial example. One rule holds for EVERY
+text attack, enforced by :class:`TextAttack` rather than by each attack:
 
-* "word": protected words are never edited; no protected word, none of its plural/singular forms, and
-  no word whose GloVe cosine to any protected word is >= ``protect_cos`` (default 0.65) is ever offered
-  as a candidate. ``protect_cos`` is separate from ``cos_threshold`` on purpose: in 50-d GloVe a
-  cosine of 0.5 is topical relatedness, not synonymy -- at 0.5 the Fashion-MNIST class names would ban
-  2458 words including "photo" itself (0.53 to the class set) and "picture"; at 0.65 they still ban
-  the plurals and near-synonyms ("shirts", "t-shirts", "trousers", "pants", "sweater", "shoe",
-  "sneakers", "boots", "jacket").
-* "word" with ``candidates="wordnet"``: in addition, no WordNet synonym of a protected word (nor
-  its inflections) is offered ("bag" bans "handbag", "purse", "pocketbook").
-* "char": class-name words may receive typos (a human still reads the label), but an edit whose result
-  is exactly a protected word is rejected.
+* a protected word is never edited, deleted or merged: :meth:`TextAttack.filters` makes it
+  non-editable and rejects any candidate that is a protected word or is not a single word (a
+  multi-word WordNet lemma would shift the words after it);
+* :meth:`TextAttack.perturb` then checks every output against its input (:func:`label_words_kept`:
+  the same number of words, and the same word at every position that holds a protected word in
+  either text) and raises :class:`LabelChangeError` if an attack broke the rule, so a new attack
+  cannot return a label change silently.
 
-With ``protected=None`` (MMCoA's training path, as in the authors' code) nothing is protected beyond
-stop words.
+On top of that rule, "word" bans more substitutes: none of the plural/singular forms of a protected
+word, and no word whose GloVe cosine to any protected word is >= ``protect_cos`` (default 0.65).
+``protect_cos`` is separate from ``cos_threshold`` on purpose: in 50-d GloVe a cosine of 0.5 is
+topical relatedness, not synonymy -- at 0.5 the Fashion-MNIST class names would ban 2458 words
+including "photo" itself (0.53 to the class set) and "picture"; at 0.65 they still ban the plurals
+and near-synonyms ("shirts", "t-shirts", "trousers", "pants", "sweater", "shoe", "sneakers", "boots",
+"jacket"). With ``candidates="wordnet"``, no WordNet synonym of a protected word (nor its inflections)
+is offered either ("bag" bans "handbag", "purse", "pocketbook"). "char" edits only the other words
+(a typo of a class name is a label edit too: "5" -> "k" leaves the digits prompt naming no class).
+
+With ``protected=None`` nothing is protected beyond stop words.
 """
 
 from __future__ import annotations
@@ -73,23 +79,55 @@ from mmcoa.attacks.candidates import (
 MASK = "[UNK]"
 
 
+class LabelChangeError(RuntimeError):
+    """A text attack returned a prompt whose class-name words differ from the clean prompt's."""
+
+
 class TextAttack(Attack):
     """Text attacks: ``perturb(texts [N], objective, protected=None) -> texts [N]``.
 
-    Subclasses implement ``forward(texts, objective, protected)``; the template method ``perturb``
-    (``Attack.perturb``) returns the texts unchanged for an empty batch or a zero budget.
+    Subclasses implement ``forward(texts, objective, protected)`` (``protected``: the lowercase
+    protected words, :func:`protected_words`) and ``_filters(protected)``, their own word filters;
+    they get the protection rule (module docstring) from :meth:`filters`. The template method
+    ``perturb`` returns the texts unchanged for an empty batch or a zero budget, and checks every
+    output against the rule.
     """
 
     kind = "text"
 
     def perturb(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
-        return super().perturb(list(texts), objective, protected=protected)
+        texts, prot = list(texts), protected_words(protected)
+        out = super().perturb(texts, objective, protected=prot)
+        broken = [(a, b) for a, b in zip(texts, out) if not label_words_kept(a, b, prot)]
+        if broken:
+            clean, adv = broken[0]
+            raise LabelChangeError(f"attack '{self.name}' edited a class-name word: {clean!r} -> {adv!r}")
+        return out
 
-    def forward(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+    def forward(self, texts: list[str], objective: TextObjective, protected: frozenset[str] = frozenset()) -> list[str]:
         raise NotImplementedError
 
     def unchanged(self, texts: list[str]) -> list[str]:
         return list(texts)
+
+    def _filters(self, protected: frozenset[str]) -> tuple[Callable[[str], bool], Callable[[str, str], bool]]:
+        """The attack's own ``(editable(word), accept(original, candidate))``."""
+        raise NotImplementedError
+
+    def filters(self, protected: Iterable[str] | None) -> tuple[Callable[[str], bool], Callable[[str, str], bool]]:
+        """The attack's filters under the protection rule: a protected word is not editable, and a
+        candidate is one word that is not a protected word."""
+        prot = protected_words(protected)
+        own_editable, own_accept = self._filters(prot)
+
+        def editable(word: str) -> bool:
+            return word.lower() not in prot and own_editable(word)
+
+        def accept(orig: str, cand: str) -> bool:
+            one_word = bool(cand) and not any(ch.isspace() for ch in cand)
+            return one_word and cand.lower() not in prot and own_accept(orig, cand)
+
+        return editable, accept
 
 
 # --- texts as words --------------------------------------------------------------------------
@@ -126,7 +164,8 @@ class Words:
 
 
 def protected_words(protected: Iterable[str] | None) -> frozenset[str]:
-    """Class names -> lowercase words: "ankle boot" -> {ankle, boot}; "t-shirt" -> {t-shirt, shirt}."""
+    """Class names -> lowercase words: "ankle boot" -> {ankle, boot}; "t-shirt" -> {t-shirt, shirt}.
+    Idempotent: the words of a set of protected words are that set."""
     out: set[str] = set()
     for name in protected or ():
         for token in str(name).lower().split():
@@ -135,6 +174,15 @@ def protected_words(protected: Iterable[str] | None) -> frozenset[str]:
                 out.add(core)
                 out.update(p for p in re.split(r"[-']", core) if len(p) >= 3)
     return frozenset(out)
+
+
+def label_words_kept(clean: str, adv: str, protected: frozenset[str]) -> bool:
+    """True when ``adv`` has as many words as ``clean`` and the same word at every position where
+    either holds a protected word: no class-name word edited, deleted, merged or introduced."""
+    a, b = Words(clean).cores, Words(adv).cores
+    if len(a) != len(b):
+        return False
+    return all(x == y for x, y in zip(a, b) if x.lower() in protected or y.lower() in protected)
 
 
 # --- the engine ------------------------------------------------------------------------------
@@ -407,9 +455,8 @@ class WordSubstitution(TextAttack):
             return src.vectors
         return load_word_vectors()
 
-    def _filters(self, protected: Iterable[str] | None):
+    def _filters(self, prot: frozenset[str]):
         p = self.params
-        prot = protected_words(protected)
         banned = set().union(*(word_variants(w) for w in prot)) if prot else set()
         for w in prot:  # the source's own equivalents of a class name (WordNet: its synonyms)
             banned.update(*(word_variants(r) for r in self.source.related(w)))
@@ -430,12 +477,11 @@ class WordSubstitution(TextAttack):
             return near_cache[word]
 
         def editable(word: str) -> bool:
-            w = word.lower()
-            return w not in STOP_WORDS and w not in prot
+            return word.lower() not in STOP_WORDS
 
         def accept(orig: str, cand: str) -> bool:
             c = cand.lower()
-            if not c or c == orig.lower() or c in STOP_WORDS or c in banned:
+            if c == orig.lower() or c in STOP_WORDS or c in banned:
                 return False
             if p.min_word_cos is not None:
                 cos = vectors.cosine(orig, c)
@@ -448,9 +494,9 @@ class WordSubstitution(TextAttack):
     def is_identity(self) -> bool:
         return self.params.word_budget == 0
 
-    def forward(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+    def forward(self, texts: list[str], objective: TextObjective, protected: frozenset[str] = frozenset()) -> list[str]:
         p = self.params
-        editable, accept = self._filters(protected)
+        editable, accept = self.filters(protected)
         self.stats = EngineStats()
         return greedy_substitute(
             list(texts), objective, source=self.source, k=p.k, budget=p.word_budget,
@@ -460,7 +506,7 @@ class WordSubstitution(TextAttack):
 
     def neighbourhood(self, text: str, protected: Iterable[str] | None = None) -> list[str]:
         """Every text one substitution away (same candidates and filters): for exhaustive search."""
-        editable, accept = self._filters(protected)
+        editable, accept = self.filters(protected)
         d = Words(text)
         requests = [(tuple(d.cores), j) for j, w in enumerate(d.cores) if editable(w)]
         out = []
@@ -486,10 +532,10 @@ class CharEdit(TextAttack):
 
     Threat model: the total Levenshtein distance between each original word and its edited form,
     summed over the text, is at most ``char_budget``; an edit inserts, deletes or substitutes one
-    lowercase letter; stop words are not edited; protected (class-name) words may get typos, but an
-    edit that spells a protected word exactly is rejected. Each round offers, per word, up to
-    ``max_candidates`` single edits of its current form (sampled deterministically with ``seed``);
-    a word may be edited again in later passes while budget remains.
+    lowercase letter; stop words and protected (class-name) words are not edited, and an edit that
+    spells a protected word is rejected (the protection rule, module docstring). Each round offers,
+    per word, up to ``max_candidates`` single edits of its current form (sampled deterministically
+    with ``seed``); a word may be edited again in later passes while budget remains.
 
     ``perturb(texts [N], objective, protected=None) -> texts [N]``.
     """
@@ -501,14 +547,12 @@ class CharEdit(TextAttack):
         self.source = CharEdits(self.params.seed)
         self.stats = EngineStats()
 
-    def _filters(self, protected: Iterable[str] | None):
-        prot = protected_words(protected)
-
+    def _filters(self, prot: frozenset[str]):
         def editable(word: str) -> bool:
             return word.lower() not in STOP_WORDS
 
         def accept(orig: str, cand: str) -> bool:
-            return bool(cand) and cand.lower() not in prot
+            return True
 
         return editable, accept
 
@@ -519,9 +563,9 @@ class CharEdit(TextAttack):
     def is_identity(self) -> bool:
         return self.params.char_budget == 0
 
-    def forward(self, texts: list[str], objective: TextObjective, protected: Iterable[str] | None = None) -> list[str]:
+    def forward(self, texts: list[str], objective: TextObjective, protected: frozenset[str] = frozenset()) -> list[str]:
         p = self.params
-        editable, accept = self._filters(protected)
+        editable, accept = self.filters(protected)
         self.stats = EngineStats()
         return greedy_substitute(
             list(texts), objective, source=self.source, k=self._k, budget=p.char_budget,
@@ -531,7 +575,7 @@ class CharEdit(TextAttack):
 
     def neighbourhood(self, text: str, protected: Iterable[str] | None = None) -> list[str]:
         """Every text one character edit away (same sampling and filters)."""
-        editable, accept = self._filters(protected)
+        editable, accept = self.filters(protected)
         d = Words(text)
         requests = [(tuple(d.cores), j) for j, w in enumerate(d.cores) if editable(w)]
         out = []
