@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from mmcoa.report import (
     Collection,
     ReportError,
+    compare,
     flat_metrics,
     headline_metrics,
     load_evaluation,
@@ -31,9 +32,8 @@ from stages.common import StageError, atomic_dir, log, write_json
 NOTES = [
     "Robust accuracy is measured on the same samples as clean accuracy; every attack is seeded, so a rerun "
     "reproduces every number.",
-    "Text attacks use the per-sample threat model: the adversary edits the prompt of each sample's true class. "
-    "Class-name words are never substituted by word attacks, nor offered as candidates, so a substitution "
-    "cannot turn a prompt into another label.",
+    "Text attacks use the per-sample threat model: the adversary edits the prompt of each sample's true class "
+    "(the rule on class names is stated above, under Text-attack rule).",
     "Deviations from the MMCoA authors' code: no attack gradients in the weight update, logit scale clamped, "
     "class-prompt embeddings computed once per step for the image attack, masked-LM candidates read at the "
     "right positions, stop words filtered case-insensitively.",
@@ -47,6 +47,11 @@ def _read_json(path: Path):
         raise StageError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); rerun `mmcoa evaluate` for it") from None
     except OSError as err:
         raise StageError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def _link(target: Path, readme: Path) -> str:
+    """``target`` as a link from ``readme``'s folder (README links the report and figure from there)."""
+    return Path(os.path.relpath(target, readme.parent)).as_posix()
 
 
 def find_folders(evals: Path) -> list[Path]:
@@ -83,13 +88,17 @@ def report(
     except ReportError as err:
         raise StageError(str(err)) from None
     # Everything that can fail on the inputs is computed before the first file is written.
-    metrics, headline, sweeps, summary = flat_metrics(col), headline_metrics(col), sweep_rows(col), render_summary(col)
+    comparisons = compare(col)
+    figure = "figures/overview.png" if overview_columns(col) else None
+    metrics, headline, sweeps = flat_metrics(col), headline_metrics(col), sweep_rows(col)
+    summary = render_summary(col, figure, "report.md", comparisons)
     readme_text = None
     if readme is not None:
         if not readme.is_file():
             raise StageError(f"{readme}: not found; pass the README that holds the results markers, or drop --readme")
         try:
-            readme_text = splice_summary(readme.read_text(), summary)
+            linked = render_summary(col, figure and _link(out / figure, readme), _link(out / "report.md", readme), comparisons)
+            readme_text = splice_summary(readme.read_text(), linked)
         except ValueError as err:
             raise StageError(f"{readme}: {err}") from None
     figures = {}
@@ -112,7 +121,7 @@ def report(
                 name = f"examples_{e.model}_{e.dataset}.png"
                 if save_examples_figure(examples, e.result.get("classnames", []), tmp / name, title=f"{e.model} on {e.dataset}"):
                     figures[f"examples:{e.model}"] = f"figures/{name}"
-    for name, text in (("report.md", render_markdown(col, figures, NOTES)), ("summary.md", summary)):
+    for name, text in (("report.md", render_markdown(col, figures, NOTES, comparisons)), ("summary.md", summary)):
         tmp_md = out / f".{name}.tmp"
         tmp_md.write_text(text if text.endswith("\n") else text + "\n")
         os.replace(tmp_md, out / name)

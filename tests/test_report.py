@@ -47,10 +47,12 @@ THREATS = {"clean": {"attack": "none", "side": "image", "family": "clean"}, "ima
 FAMILIES = {"image": ["image", "square"], "text": ["text", "text_char"], "multimodal": ["multimodal"]}
 
 
-def vec(n: int, k: int, seed: int = 0) -> list[int]:
-    """n outcomes with exactly k correct, at positions drawn from ``seed``."""
+def vec(n: int, k: int, seed: int = 0, within: list[int] | None = None) -> list[int]:
+    """n outcomes with exactly k correct, at positions drawn from ``seed`` (among the correct ones of
+    ``within``: robust outcomes are a subset of the clean ones)."""
     v = np.zeros(n, dtype=int)
-    v[np.random.default_rng(seed).choice(n, k, replace=False)] = 1
+    pool = np.arange(n) if within is None else np.flatnonzero(within)
+    v[np.random.default_rng(seed).choice(pool, k, replace=False)] = 1
     return v.tolist()
 
 
@@ -129,41 +131,51 @@ def _two_models(evals: Path, k_strong: int, k_weak: int, n: int = 400):
     """mmcoa and tecoa on one fine-tuning set; mmcoa right on k_strong samples under text, tecoa on k_weak (nested)."""
     text_strong = [1] * k_strong + [0] * (n - k_strong)
     text_weak = [1] * k_weak + [0] * (n - k_weak)
-    common = {"clean": vec(n, 320, 1), "image": vec(n, 200, 2)}
+    clean = [1] * 320 + [0] * (n - 320)
+    common = {"clean": clean, "image": vec(n, 200, 2, clean)}
     write_eval(evals, "mmcoa", "fm", {**common, "text": text_strong}, role="finetune")
     write_eval(evals, "tecoa", "fm", {**common, "text": text_weak}, role="finetune")
 
 
-def test_finding_only_when_mcnemar_rejects(tmp_path):
-    _two_models(tmp_path / "sig", 300, 260)       # 40 discordant, all one way: p = 2 / 2**40
-    _two_models(tmp_path / "same", 300, 295)      # 5 discordant: p = 0.0625
-    sig = [c for c in compare(load_all(tmp_path / "sig")) if c.attack == "text"][0]
-    same = [c for c in compare(load_all(tmp_path / "same")) if c.attack == "text"][0]
-    assert sig.p == pytest.approx(binomtest(40, 40).pvalue) and sig.p < 0.05
-    assert same.p == pytest.approx(binomtest(5, 5).pvalue) and same.p >= 0.05
-    for case, expect in (("sig", True), ("same", False)):
+def test_finding_only_when_holm_rejects_in_report_and_readme_alike(tmp_path):
+    """Three comparisons (clean, image, text; one pair): Holm's first threshold is 0.05 / 3 = 0.0167.
+    7 discordant pairs all one way (p = 2/2**7 = 0.0156) is a finding; 6 (p = 0.031, below 0.05 uncorrected)
+    is not, in report.md and in the README summary alike."""
+    cases = {"sig": (300, 260, True), "holm7": (300, 293, True), "raw6": (300, 294, False), "same": (300, 295, False)}
+    for case, (strong, weak, _) in cases.items():
+        _two_models(tmp_path / case, strong, weak)
+    for case, (strong, weak, expect) in cases.items():
+        comparisons = compare(load_all(tmp_path / case))
+        assert len(comparisons) == 3
+        text = [c for c in comparisons if c.attack == "text"][0]
+        assert text.p == pytest.approx(binomtest(strong - weak, strong - weak).pvalue)
+        assert text.significant is expect and holm([c.p for c in comparisons]) == [c.significant for c in comparisons]
         assert run_report(tmp_path / case, tmp_path / f"out_{case}").exit_code == 0
         md = (tmp_path / f"out_{case}" / "report.md").read_text()
+        summary = (tmp_path / f"out_{case}" / "summary.md").read_text()
         text_group = md.split("**text on fm**")[1].split("**")[0]
-        assert ("- MMCoA > TeCoA: +10.0 points (75.0% vs 65.0%), p = " in text_group) is expect
-        assert ("Not distinguishable at this sample size (p >= 0.05): TeCoA vs MMCoA" in text_group) is not expect
-        assert "> " not in md.split("**clean on fm**")[1].split("**")[0].replace("p >= ", "")
-    sentence = finding(sig)
+        diff = 100 * (strong - weak) / 400
+        assert (f"- MMCoA > TeCoA: +{diff:.1f} points (" in text_group) is expect
+        assert ("Not distinguishable after Holm's correction: TeCoA vs MMCoA" in text_group) is not expect
+        assert "> " not in md.split("**clean on fm**")[1].split("**")[0]
+        statement = f"a difference is a finding only where Holm's correction over all 3 rejects at family-wise 5%: {int(expect)} do."
+        assert statement in md and statement in summary
+    sentence = finding([c for c in compare(load_all(tmp_path / "sig")) if c.attack == "text"][0])
     assert sentence.startswith("MMCoA > TeCoA under text on fm: +10.0 points") and "400 samples" in sentence
-    assert "threat model: word, word_budget 1, candidates glove, k 10" in sentence
-    summary = (tmp_path / "out_sig" / "summary.md").read_text()
-    assert "text on fm (400 samples): MMCoA > TeCoA (+10.0 points" in summary
-    summary = (tmp_path / "out_same" / "summary.md").read_text()
-    assert "text on fm (400 samples): MMCoA not distinguishable from TeCoA at this sample size." in summary
+    assert "threat model: word, word_budget 1, candidates glove, k 10" in sentence and "Holm" not in sentence
+    raw = finding([c for c in compare(load_all(tmp_path / "raw6")) if c.attack == "text"][0])
+    assert raw.endswith("(not significant after Holm's correction)")
 
 
 def test_worst_case_heldout_average_and_headline(tmp_path):
     n = 200
     for i, model in enumerate(("base", "tecoa")):
         for d, role in (("fm", "finetune"), ("digits", "held_out"), ("mnist", "held_out")):
-            write_eval(tmp_path, model, d, {"clean": vec(n, 150 + i, 1), "image": vec(n, 90 + 10 * i, 2),
-                                            "square": vec(n, 100, 3), "text": vec(n, 120, 4),
-                                            "text_char": vec(n, 60, 5), "multimodal": vec(n, 50, 6)}, role=role)
+            clean = vec(n, 150 + i, 1)
+            write_eval(tmp_path, model, d, {"clean": clean, "image": vec(n, 90 + 10 * i, 2, clean),
+                                            "square": vec(n, 100, 3, clean), "text": vec(n, 120, 4, clean),
+                                            "text_char": vec(n, 60, 5, clean), "multimodal": vec(n, 50, 6, clean)},
+                       role=role)
     # A retrieval set and a held-out retrieval role must stay out of the held-out classification average.
     folder = tmp_path / "base" / "coco"
     folder.mkdir()
@@ -207,7 +219,8 @@ def test_transfer_section_answers_per_defense_with_paired_tests(tmp_path):
     assert ("- MMCoA: on fm above the base under text; on digits below it under clean." in lines)
     assert run_report(tmp_path, tmp_path / "out").exit_code == 0
     assert "## Does robustness transfer?" in (tmp_path / "out" / "report.md").read_text()
-    assert "- MMCoA: on fm above the base under text" in (tmp_path / "out" / "summary.md").read_text()
+    assert "Against the base: MMCoA: on fm above the base under text; on digits below it under clean." in (
+        tmp_path / "out" / "summary.md").read_text()
 
 
 def test_report_names_each_runtime_the_numbers_were_computed_with(tmp_path):
@@ -218,39 +231,61 @@ def test_report_names_each_runtime_the_numbers_were_computed_with(tmp_path):
     write_eval(tmp_path, "base", "digits", {"clean": vec(50, 45)}, runtime=gpu)
     assert run_report(tmp_path, tmp_path / "out").exit_code == 0
     line = "Computed with torch 2.14.1 on cuda (NVIDIA A100); torch 2.14.1 on cpu (AVX2 kernels, 2 threads)."  # base/digits first
-    for name in ("report.md", "summary.md"):
-        assert line in (tmp_path / "out" / name).read_text(), name
+    assert line in (tmp_path / "out" / "report.md").read_text()
 
 
-def write_retrieval(root: Path, model: str, i2t: list[int], t2i: list[int]) -> None:
-    """A retrieval evaluation under the text attack: per-image and per-caption R@1 outcomes."""
+def write_retrieval(root: Path, model: str, i2t: list[int], t2i: list[int], gallery: list[int] | None = None,
+                    per_image: int = 5) -> None:
+    """A retrieval evaluation under the text attack: per-image and per-caption R@1 outcomes, the gallery's
+    dataset indices and the gallery image of each caption (``per_image`` consecutive captions per image);
+    ``gallery=[]`` leaves both out, as a result that does not record them."""
     folder = root / model / "coco"
     folder.mkdir(parents=True)
     correct = {"text.i2t_r1": i2t, "text.t2i_r1": t2i}
+    extra = {} if gallery == [] else {"image_indices": gallery or list(range(len(i2t))),
+                                      "caption_image": [j // per_image for j in range(len(t2i))]}
     (folder / "result.json").write_text(json.dumps({
         "model": model, "dataset": "coco", "task": "retrieval", "role": "held_out", "n": len(i2t),
         "n_captions": len(t2i), "metrics": {f"coco.{k}": float(np.mean(v)) for k, v in correct.items()},
-        "threat_models": {"text": WORD}}))
+        "threat_models": {"text": WORD}, **extra}))
     (folder / "outcomes.json").write_text(json.dumps({"correct": correct}))
 
 
-def test_retrieval_intervals_and_paired_tests(tmp_path):
+def test_retrieval_caption_queries_are_tested_and_bounded_per_image(tmp_path):
+    """40 images of 5 captions; mmcoa is right on 40 more captions than the base, all the captions of 8
+    images: an image-level test sees 8 discordant images (p = 2/2**8), not 40 independent captions."""
     write_retrieval(tmp_path, "base", [1] * 10 + [0] * 30, [1] * 50 + [0] * 150)
     write_retrieval(tmp_path, "mmcoa", [1] * 12 + [0] * 28, [1] * 90 + [0] * 110)
     t2i = [c for c in compare(load_all(tmp_path)) if c.attack == "text (T->I R@1)"][0]
-    assert (t2i.a, t2i.b, t2i.n, t2i.n10, t2i.n01) == ("mmcoa", "base", 200, 40, 0)
-    assert t2i.p == pytest.approx(binomtest(40, 40).pvalue)
+    assert (t2i.a, t2i.b, t2i.n, t2i.n10, t2i.n01, t2i.clusters) == ("mmcoa", "base", 200, 40, 0, 40)
+    assert t2i.p == pytest.approx(binomtest(8, 8).pvalue) and t2i.test == "exact image-level sign-flip"
+    i2t = [c for c in compare(load_all(tmp_path)) if c.attack == "text (I->T R@1)"][0]
+    assert i2t.p == pytest.approx(binomtest(2, 2).pvalue) and i2t.test == "exact McNemar" and i2t.clusters is None
     assert run_report(tmp_path, tmp_path / "out").exit_code == 0
     md = (tmp_path / "out" / "report.md").read_text()
-    lo, hi = wilson_interval(90, 200)
+    lo, hi = wilson_interval(18, 40)   # 90 captions right = 18 whole images: the interval of 40 images
     assert "| MMCoA | text | 30.0 " in md and f"45.0 [{100 * lo:.1f}, {100 * hi:.1f}]" in md
-    assert "- MMCoA > base (no defense): +20.0 points (45.0% vs 25.0%)" in md.split("**text (T->I R@1) on coco**")[1]
+    group = md.split("**text (T->I R@1) on coco**")[1].split("**")[0]
+    assert group.startswith(" (200 captions of 40 images; exact image-level sign-flip test;")
+    assert "- MMCoA > base (no defense): +20.0 points (45.0% vs 25.0%), p = 0.0078" in group
+
+
+@pytest.mark.parametrize("gallery,why", [([i + 1 for i in range(40)], "different galleries"),
+                                         ([], "no gallery indices recorded")])
+def test_retrieval_results_pair_only_on_equal_galleries(tmp_path, gallery, why):
+    write_retrieval(tmp_path, "base", [1] * 10 + [0] * 30, [1] * 50 + [0] * 150)
+    write_retrieval(tmp_path, "mmcoa", [1] * 12 + [0] * 28, [1] * 90 + [0] * 110, gallery=gallery)
+    assert compare(load_all(tmp_path)) == []
+    assert run_report(tmp_path, tmp_path / "out").exit_code == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"Not compared (never paired query by query): base (no defense) vs MMCoA on coco ({why}" in md
 
 
 def test_masking_flag_when_white_box_beats_square(tmp_path):
     n = 100
-    write_eval(tmp_path / "a", "base", "fm", {"clean": vec(n, 80), "image": vec(n, 50, 1), "square": vec(n, 40, 2)}, role="finetune")
-    write_eval(tmp_path / "b", "base", "fm", {"clean": vec(n, 80), "image": vec(n, 40, 1), "square": vec(n, 50, 2)}, role="finetune")
+    clean = vec(n, 80)
+    write_eval(tmp_path / "a", "base", "fm", {"clean": clean, "image": vec(n, 50, 1, clean), "square": vec(n, 40, 2, clean)}, role="finetune")
+    write_eval(tmp_path / "b", "base", "fm", {"clean": clean, "image": vec(n, 40, 1, clean), "square": vec(n, 50, 2, clean)}, role="finetune")
     flags = masking_flags(load_all(tmp_path / "a"))
     assert len(flags) == 1 and "white-box image 50.0% is above black-box square (square) 40.0%" in flags[0]
     assert masking_flags(load_all(tmp_path / "b")) == []
@@ -278,7 +313,7 @@ def test_trained_on_versus_held_out():
 
 def test_outputs_byte_identical_on_rerun(tmp_path):
     _two_models(tmp_path / "evals", 300, 260)
-    write_eval(tmp_path / "evals", "base", "digits", {"clean": vec(50, 30), "image": vec(50, 10, 1)},
+    write_eval(tmp_path / "evals", "base", "digits", {"clean": vec(50, 30), "image": vec(50, 10, 1, vec(50, 30))},
                sweep=[{"eps_255": 0, "acc": 0.6}, {"eps_255": 4, "acc": 0.2}])
     # Example images as the evaluation stores them: texts in result.json, tensors in examples.safetensors.
     import torch
@@ -336,11 +371,11 @@ def test_outcomes_on_different_samples_are_not_compared(tmp_path):
     assert compare(load_all(tmp_path)) == []
     assert run_report(tmp_path, tmp_path / "out").exit_code == 0
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "Not compared (outcomes on different samples): TeCoA vs MMCoA on fm." in md and " > " not in md
+    assert "Not compared (never paired query by query): TeCoA vs MMCoA on fm (different samples)." in md and " > " not in md
 
 
 def test_worst_above_its_family_is_an_error(tmp_path):
-    folder = write_eval(tmp_path, "base", "fm", {"clean": vec(20, 10), "image": vec(20, 5, 1)}, role="finetune")
+    folder = write_eval(tmp_path, "base", "fm", {"clean": vec(20, 10), "image": vec(20, 5, 1, vec(20, 10))}, role="finetune")
     result = json.loads((folder / "result.json").read_text())
     result["metrics"]["fm.worst_image.acc"] = 0.5
     with pytest.raises(ReportError, match="worst_image = 0.5000 is above image = 0.2500"):

@@ -4,7 +4,8 @@ worst case per attack family, paired tests behind every finding, flat metrics an
 Input: one :class:`Evaluation` per (model, dataset), built by :func:`load_evaluation` from the dicts
 of an evaluation's ``result.json`` and ``outcomes.json`` (per-sample 0/1 outcomes per attack).
 Every number the report states is read or derived from them; a comparison is stated as a finding
-only when an exact McNemar test on the same samples rejects equality at 5%.
+only when its paired test on the same samples (exact McNemar; an image-level sign-flip test for an
+image's captions) is rejected by Holm's correction over all the report's tests, in report and README alike.
 Nothing here reads pipeline files or knows about the terminal.
 
 Modules: ``collection`` (the evaluations, checked), ``format`` (how numbers are written), ``metrics``
@@ -35,26 +36,30 @@ from mmcoa.report.metrics import flat_metrics, headline_metrics, sweep_rows  # n
 from mmcoa.report.findings import (  # noqa: F401
     Comparison,
     compare,
+    defense_verdicts,
     finding,
     findings_markdown,
+    holm_statement,
     masking_flags,
     masking_markdown,
     no_difference,
     pairs,
     scopes,
+    self_transfer,
     trained_status,
     training_markdown,
     transfer_markdown,
     unpaired,
 )
 from mmcoa.report.markdown import (  # noqa: F401
+    TEXT_RULE,
     accuracy_table,
-    reference_findings,
+    recall_cell,
     render_markdown,
     render_summary,
     retrieval_markdown,
-    retrieval_summary,
     splice_summary,
+    text_rule_markdown,
 )
 from mmcoa.report.seeds import Run, seed_runs, seeds_markdown  # noqa: F401
 

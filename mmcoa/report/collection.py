@@ -77,6 +77,20 @@ class Evaluation:
     def families(self) -> dict[str, list[str]]:
         return self.result.get("families", {})
 
+    def clusters(self, column: str) -> list[int] | None:
+        """The cluster of each query behind a metric: a text->image query's gallery image (its captions
+        share it); None for independent queries (images) or when the result does not record it."""
+        return self.result.get("caption_image") if self.task == "retrieval" and column.startswith("t2i") else None
+
+    @property
+    def pairing(self) -> tuple | None:
+        """What two evaluations must share to be compared query by query: the sample indices, or a
+        retrieval gallery's image indices and caption owners; None when the result does not record them."""
+        if self.task == "classification":
+            return None if self.indices is None else tuple(self.indices)
+        images, owners = self.result.get("image_indices"), self.result.get("caption_image")
+        return None if images is None or owners is None else (tuple(images), tuple(owners))
+
 
 def load_evaluation(result: Any, outcomes: Any | None, where: str) -> Evaluation:
     """Check a result (and its outcomes) and derive the worst case per family from the outcomes.
@@ -90,8 +104,22 @@ def load_evaluation(result: Any, outcomes: Any | None, where: str) -> Evaluation
     if outcomes is not None:
         _load_outcomes(ev, outcomes, where)
     if ev.task == "classification":
+        _check_robust_implies_clean(ev, where)
         _derive_worst(ev, where)
     return ev
+
+
+def _check_robust_implies_clean(ev: Evaluation, where: str) -> None:
+    """A sample counts as robust only if it is correct clean too (AutoAttack's count); outcomes that say
+    otherwise come from an evaluation that counted an attack fixing a misclassified sample."""
+    clean = ev.correct.get("clean")
+    if clean is None:
+        return
+    for key, vec in ev.correct.items():
+        fixed = int(np.sum(vec & ~clean))
+        if fixed:
+            raise ReportError(f"{where.replace('result.json', 'outcomes.json')}: correct.{key} counts {fixed} sample(s) "
+                              "wrong clean as robust; rerun `mmcoa evaluate` for that model and dataset")
 
 
 def _check_result(r: Any, where: str) -> None:
@@ -111,8 +139,14 @@ def _check_result(r: Any, where: str) -> None:
         raise bad(f"'task' must be classification or retrieval, got {r.get('task')!r}")
     if r.get("role", "finetune") not in ("finetune", "held_out"):
         raise bad(f"'role' must be finetune or held_out, got {r.get('role')!r}")
-    if r.get("task") == "retrieval" and not isinstance(r.get("n_captions"), int):
-        raise bad("a retrieval result needs an integer 'n_captions'")
+    if r.get("task") == "retrieval":
+        if not isinstance(r.get("n_captions"), int):
+            raise bad("a retrieval result needs an integer 'n_captions'")
+        for key, n, top in (("image_indices", r["n"], None), ("caption_image", r["n_captions"], r["n"])):
+            v = r.get(key)
+            if v is not None and (not isinstance(v, list) or len(v) != n or not all(
+                    isinstance(i, int) and i >= 0 and (top is None or i < top) for i in v)):
+                raise bad(f"'{key}' must list {n} indices" + (f" in [0, {top})" if top else ""))
     for key, value in r["metrics"].items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
             raise bad(f"metric '{key}' must be a number in [0, 1], got {value!r}")

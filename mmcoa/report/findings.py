@@ -1,21 +1,32 @@
-"""What the report states: paired comparisons (exact McNemar, Holm) behind every finding, the threat
+"""What the report states: paired comparisons behind every finding (exact McNemar on samples, an exact
+image-level sign-flip test on an image's captions), one Holm correction over all of them, the threat
 models each defense trained on, and gradient-masking flags."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
+from pathlib import PurePath
 
 import numpy as np
 
-from mmcoa.stats import holm, paired_test
+from mmcoa.stats import cluster_paired_test, holm, paired_test
 from mmcoa.report.collection import ALPHA, BLACK_BOX, Collection, HEADLINE, label
 from mmcoa.report.format import p_text, pct, budget
 
 
+MCNEMAR = "exact McNemar"
+SIGN_FLIP = "exact image-level sign-flip"
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """Model ``a`` vs model ``b`` under one attack, paired on the same samples of one scope."""
+    """Model ``a`` vs model ``b`` under one attack, paired on the same samples of one scope.
+
+    ``significant``: rejected by Holm's correction over every comparison of the report (set by
+    :func:`compare`), the one criterion every finding, star and sentence uses. ``clusters``: the
+    images behind caption queries (tested at image level), None for independent samples.
+    """
 
     a: str
     b: str
@@ -29,24 +40,34 @@ class Comparison:
     n01: int
     n10: int
     threat: str
+    test: str = MCNEMAR
+    clusters: int | None = None
+    significant: bool = False
 
     @property
-    def significant(self) -> bool:
-        return self.p < ALPHA
+    def samples(self) -> str:
+        """``400 samples``, or ``200 captions of 40 images`` for an image-level test."""
+        return f"{self.n} samples" if self.clusters is None else f"{self.n} captions of {self.clusters} images"
 
 
 def _paired_vectors(col: Collection, a: str, b: str, key: str, datasets: list[str]):
-    """Outcomes of two models concatenated over ``datasets``; None unless every set is paired sample by sample."""
-    va, vb = [], []
-    for d in datasets:
+    """Outcomes of two models concatenated over ``datasets`` with their cluster labels (None for
+    independent samples); None unless every set is paired sample by sample (the same recorded indices)."""
+    va, vb, clusters = [], [], []
+    for i, d in enumerate(datasets):
         ea, eb = col.get(a, d), col.get(b, d)
         if ea is None or eb is None or key not in ea.correct or key not in eb.correct:
             return None
-        if ea.indices != eb.indices or len(ea.correct[key]) != len(eb.correct[key]):
+        if ea.pairing is None or ea.pairing != eb.pairing or len(ea.correct[key]) != len(eb.correct[key]):
             return None
         va.append(ea.correct[key])
         vb.append(eb.correct[key])
-    return np.concatenate(va), np.concatenate(vb)
+        owners = ea.clusters(key.rpartition(".")[2])
+        clusters.append(None if owners is None else [(i, o) for o in owners])
+    if any(c is None for c in clusters):
+        return np.concatenate(va), np.concatenate(vb), None
+    labels = {pair: j for j, pair in enumerate(dict.fromkeys(p for c in clusters for p in c))}
+    return np.concatenate(va), np.concatenate(vb), np.array([labels[p] for c in clusters for p in c])
 
 
 def scopes(col: Collection) -> list[tuple[str, list[str]]]:
@@ -72,10 +93,12 @@ def _column_label(column: str) -> str:
 
 
 def compare(col: Collection, attacks: tuple[str, ...] = HEADLINE) -> list[Comparison]:
-    """Exact McNemar tests for every pair of models, headline attack and scope with paired outcomes.
+    """Paired tests for every pair of models, headline attack and scope, with Holm's correction over all.
 
-    Classification: per scope (fine-tuning set, pooled held-out sets). Retrieval: per dataset, on the
-    per-query R@1 outcomes in both directions.
+    Classification: exact McNemar per scope (fine-tuning set, pooled held-out sets). Retrieval: per
+    dataset, on the per-query R@1 outcomes in both directions; text->image queries are an image's
+    captions, so they are tested by an exact sign-flip test of per-image differences. The family of
+    Holm's correction is every comparison returned: the report and the README state the same findings.
     """
     tests = [(scope, ds, attack, attack, attack) for scope, ds in scopes(col) for attack in attacks]
     tests += [(d, [d], f"{attack}.{c}", f"{attack} ({_column_label(c)})", attack)
@@ -86,40 +109,58 @@ def compare(col: Collection, attacks: tuple[str, ...] = HEADLINE) -> list[Compar
             vecs = _paired_vectors(col, a, b, key, datasets)
             if vecs is None:
                 continue
-            va, vb = vecs
-            t = paired_test(va, vb)
+            va, vb, clusters = vecs
+            t = paired_test(va, vb) if clusters is None else cluster_paired_test(va, vb, clusters)
             threat = budget(col.get(a, datasets[0]).threat(attack))
             out.append(Comparison(a, b, name, scope, float(va.mean()), float(vb.mean()), t.diff, t.p, len(va),
-                                  t.n01, t.n10, threat))
-    return out
+                                  t.n01, t.n10, threat, MCNEMAR if clusters is None else SIGN_FLIP,
+                                  None if clusters is None else len(set(clusters.tolist()))))
+    rejected = holm([c.p for c in out], ALPHA)
+    return [replace(c, significant=ok) for c, ok in zip(out, rejected)]
 
 
 def unpaired(col: Collection) -> list[str]:
-    """Pairs of evaluations on one dataset whose outcomes are not on the same samples (never compared)."""
+    """Pairs of evaluations on one dataset that are never compared: other samples, other galleries, or
+    a retrieval result that records no gallery indices."""
     out = []
-    for d in col.datasets():
-        evs = [e for e in col.evals if e.dataset == d and e.indices is not None]
-        out += [f"{label(a.model)} vs {label(b.model)} on {d}" for a, b in combinations(evs, 2) if a.indices != b.indices]
+    for task in ("classification", "retrieval"):
+        for d in col.datasets(task):
+            evs = [e for e in col.evals if e.dataset == d and e.correct]
+            for a, b in combinations(evs, 2):
+                if a.pairing is None or b.pairing is None:
+                    out.append(f"{label(a.model)} vs {label(b.model)} on {d} (no gallery indices recorded; rerun "
+                               "`mmcoa evaluate`)")
+                elif a.pairing != b.pairing:
+                    what = "samples" if task == "classification" else "galleries"
+                    out.append(f"{label(a.model)} vs {label(b.model)} on {d} (different {what})")
     return out
 
 
-def finding(c: Comparison, holm_ok: bool | None = None) -> str:
-    """One sentence with its evidence: direction, size, p, samples, threat model."""
+def holm_statement(comparisons: list[Comparison]) -> str:
+    """The one sentence that says how findings are decided, wherever findings are stated."""
+    k = sum(c.significant for c in comparisons)
+    return (f"{len(comparisons)} paired comparisons on the same samples (exact McNemar; text->image retrieval by an "
+            f"exact image-level sign-flip test, an image's captions being one cluster), two-sided; a difference is "
+            f"a finding only where Holm's correction over all {len(comparisons)} rejects at family-wise 5%: "
+            f"{k} do.")
+
+
+def finding(c: Comparison) -> str:
+    """One sentence with its evidence: direction, size, p, samples, threat model, Holm's verdict."""
     hi, lo = (c.a, c.b) if c.diff > 0 else (c.b, c.a)
     acc_hi, acc_lo = (c.acc_a, c.acc_b) if c.diff > 0 else (c.acc_b, c.acc_a)
-    tail = "" if holm_ok is None or holm_ok else " (not significant after Holm's correction)"
+    tail = "" if c.significant else " (not significant after Holm's correction)"
     return (f"{label(hi)} > {label(lo)} under {c.attack} on {c.scope}: {100 * abs(c.diff):+.1f} points "
-            f"({pct(acc_hi)}% vs {pct(acc_lo)}%), p = {p_text(c.p)}, {c.n} samples "
+            f"({pct(acc_hi)}% vs {pct(acc_lo)}%), p = {p_text(c.p)} ({c.test}), {c.samples} "
             f"({max(c.n01, c.n10)} vs {min(c.n01, c.n10)} discordant), threat model: {c.threat}{tail}")
 
 
-def _short(c: Comparison, holm_ok: bool) -> str:
+def _short(c: Comparison) -> str:
     """A finding inside its (scope, attack) group, whose heading names samples and threat model."""
     hi, lo = (c.a, c.b) if c.diff > 0 else (c.b, c.a)
     acc_hi, acc_lo = (c.acc_a, c.acc_b) if c.diff > 0 else (c.acc_b, c.acc_a)
-    tail = "" if holm_ok else " (not significant after Holm's correction)"
     return (f"{label(hi)} > {label(lo)}: {100 * abs(c.diff):+.1f} points ({pct(acc_hi)}% vs {pct(acc_lo)}%), "
-            f"p = {p_text(c.p)} ({max(c.n01, c.n10)} vs {min(c.n01, c.n10)} discordant){tail}")
+            f"p = {p_text(c.p)} ({max(c.n01, c.n10)} vs {min(c.n01, c.n10)} discordant)")
 
 
 def no_difference(c: Comparison) -> str:
@@ -127,21 +168,19 @@ def no_difference(c: Comparison) -> str:
 
 
 def findings_markdown(comparisons: list[Comparison]) -> list[str]:
-    """Findings grouped by scope and attack; non-significant pairs summarised in one sentence per group."""
-    rejected = holm([c.p for c in comparisons])
-    out = [f"Exact McNemar tests on the same samples, two-sided, at 5%; {len(comparisons)} comparisons, "
-           f"{sum(c.significant for c in comparisons)} significant, {sum(rejected)} of them still significant "
-           "after Holm's correction for all comparisons. The held-out scope pools the samples of every "
-           "held-out set (differences are of pooled accuracy).", ""]
-    groups: dict[tuple[str, str], list[tuple[Comparison, bool]]] = {}
-    for c, ok in zip(comparisons, rejected):
-        groups.setdefault((c.scope, c.attack), []).append((c, ok))
+    """Findings grouped by scope and attack; pairs Holm does not reject summarised in one sentence per group."""
+    out = [holm_statement(comparisons) + " The held-out scope pools the samples of every held-out set "
+           "(differences are of pooled accuracy).", ""]
+    groups: dict[tuple[str, str], list[Comparison]] = {}
+    for c in comparisons:
+        groups.setdefault((c.scope, c.attack), []).append(c)
     for (scope, attack), items in groups.items():
-        out += [f"**{attack} on {scope}** ({items[0][0].n} samples; threat model: {items[0][0].threat}):", ""]
-        out += [f"- {_short(c, ok)}" for c, ok in items if c.significant]
-        same = [no_difference(c) for c, _ in items if not c.significant]
+        c0 = items[0]
+        out += [f"**{attack} on {scope}** ({c0.samples}; {c0.test} test; threat model: {c0.threat}):", ""]
+        out += [f"- {_short(c)}" for c in items if c.significant]
+        same = [no_difference(c) for c in items if not c.significant]
         if same:
-            out.append(f"- Not distinguishable at this sample size (p >= 0.05): {'; '.join(same)}.")
+            out.append(f"- Not distinguishable after Holm's correction: {'; '.join(same)}.")
         out.append("")
     return out
 
@@ -207,14 +246,32 @@ def training_markdown(col: Collection) -> list[str]:
 # --- gradient masking ------------------------------------------------------------------------
 
 
+def self_transfer(e, attack: str) -> bool:
+    """Whether a transfer attack of an evaluation crafted on the evaluated model itself (then it is
+    white-box, not a check). The evaluation records it (``source_is_target``, by weights digest); an
+    older result is judged by its source folder's name."""
+    t = e.threat(attack) or {}
+    if t.get("attack") != "transfer":
+        return False
+    if "source_is_target" in t:
+        return bool(t["source_is_target"])
+    return PurePath(str(t.get("source", ""))).name == e.model
+
+
+def _black_box(e, attacks) -> list[str]:
+    """The attacks of a list that are black-box checks of ``e``: Square, or transfer from another model."""
+    return [a for a in attacks if (e.threat(a) or {}).get("attack") in BLACK_BOX and not self_transfer(e, a)]
+
+
 def masking_flags(col: Collection) -> list[str]:
-    """White-box robust accuracy above a black-box attack (Square, transfer) of the same family, plus sweep flags."""
+    """White-box robust accuracy above a black-box attack (Square, transfer from another model) of the
+    same family, plus sweep flags."""
     out = []
     for e in col.evals:
         if e.task != "classification":
             continue
         for family, attacks in e.families.items():
-            black = [a for a in attacks if (e.threat(a) or {}).get("attack") in BLACK_BOX and e.acc(a) is not None]
+            black = [a for a in _black_box(e, attacks) if e.acc(a) is not None]
             white = [a for a in attacks if a not in black and e.acc(a) is not None]
             for w in white:
                 for b in black:
@@ -227,24 +284,29 @@ def masking_flags(col: Collection) -> list[str]:
 
 
 def masking_markdown(col: Collection) -> list[str]:
-    """The flags, or which checks ran and passed (a check that could not run is said so)."""
+    """The flags, or which checks ran and passed (a check that could not run is said so); a transfer
+    attack from the evaluated model itself is named as no check and not counted."""
     flags = masking_flags(col)
-    if flags:
-        return [f"- {f}" for f in flags] + [""]
     cls = [e for e in col.evals if e.task == "classification"]
-    black = sum(any((e.threat(a) or {}).get("attack") in BLACK_BOX for a in e.threat_models_names()) for e in cls)
+    selfs = [f"{a} on {label(e.model)}, {e.dataset}" for e in cls for a in e.threat_models_names() if self_transfer(e, a)]
+    note = ([f"Not a check: {'; '.join(selfs)} (the transfer source is the evaluated model itself, so its images "
+             "are white-box adversarial examples; left out of the count)."] if selfs else [])
+    if flags:
+        return [f"- {f}" for f in flags] + [""] + ([note[0], ""] if note else [])
+    black = sum(any(_black_box(e, attacks) for attacks in e.families.values()) for e in cls)
     sweeps = sum(bool(e.result.get("sweep")) for e in cls)
-    out = [f"No flag. White-box vs black-box (Square, transfer) in the same family: checked in {black} of {len(cls)} "
-           f"evaluations{'' if black else ' (no black-box attack in the suite)'}. Eps sweep (accuracy must not rise "
-           f"with eps and must reach chance): checked in {sweeps} of {len(cls)} evaluations.", ""]
-    return out
+    out = [f"No flag. White-box vs black-box (Square, transfer from another model) in the same family: checked in "
+           f"{black} of {len(cls)} evaluations{'' if black else ' (no black-box attack in the suite)'}. Eps sweep "
+           f"(accuracy must not rise with eps and must reach chance): checked in {sweeps} of {len(cls)} evaluations.",
+           ""]
+    return out + ([note[0], ""] if note else [])
 
 
 # --- does robustness transfer? ----------------------------------------------------------------
 
 
 def _delta(c: Comparison | None) -> str:
-    """A difference against the base in points, starred where McNemar holds at 5%."""
+    """A difference against the base in points, starred where Holm's correction rejects."""
     if c is None:
         return "n/a"
     return f"{100 * c.diff:+.1f}{'*' if c.significant else ''}"
@@ -264,31 +326,46 @@ def _row_and_attack(c: Comparison) -> tuple[str, str]:
     return (f"{c.scope} {direction.rstrip(')')}" if direction else c.scope), attack
 
 
-def transfer_markdown(col: Collection, comparisons: list[Comparison] | None = None) -> list[str]:
-    """The paper's question per defense: does the robustness gained on the fine-tuning set carry over to
-    the held-out sets and to retrieval, and at what clean cost? Differences against the base (points,
-    paired on the same samples; * where exact McNemar holds at 5%), then one generated sentence each."""
-    comparisons = compare(col) if comparisons is None else comparisons
+def _against_base(comparisons: list[Comparison]) -> dict[tuple[str, str, str], Comparison]:
+    """(defense, row, attack) -> its comparison against the base."""
     cells: dict[tuple[str, str, str], Comparison] = {}
     for c in comparisons:
         if c.b == "base":
             row, attack = _row_and_attack(c)
             cells[(c.a, row, attack)] = c
+    return cells
+
+
+def defense_verdicts(comparisons: list[Comparison]) -> list[str]:
+    """One generated sentence per defense: where it is above or below the base (Holm-corrected)."""
+    cells = _against_base(comparisons)
+    rows = list(dict.fromkeys(r for _, r, _ in cells))
+    out = []
+    for m in dict.fromkeys(m for m, _, _ in cells):
+        verdicts = [_verdict([c for (mm, rr, _), c in cells.items() if mm == m and rr == r], r) for r in rows
+                    if any(mm == m and rr == r for mm, rr, _ in cells)]
+        out.append(f"{label(m)}: " + "; ".join(verdicts) + ".")
+    return out
+
+
+def transfer_markdown(col: Collection, comparisons: list[Comparison] | None = None) -> list[str]:
+    """The paper's question per defense: does the robustness gained on the fine-tuning set carry over to
+    the held-out sets and to retrieval, and at what clean cost? Differences against the base (points,
+    paired on the same samples; * where Holm's correction over the report's tests rejects), then one
+    generated sentence each."""
+    comparisons = compare(col) if comparisons is None else comparisons
+    cells = _against_base(comparisons)
+    if not cells:
+        return []
     defenses = list(dict.fromkeys(m for m, _, _ in cells))
     rows = list(dict.fromkeys(r for _, r, _ in cells))
     attacks = [a for a in HEADLINE if any(a == k[2] for k in cells)]
-    if not cells:
-        return []
     role = {d: " (fine-tuning)" for d in col.finetune}
-    out = ["Difference against the base in points, on the same samples (* where an exact McNemar test holds "
-           "at 5%); retrieval in R@1 per direction.", "",
+    out = ["Difference against the base in points, on the same samples (* where significant after Holm's "
+           "correction over all the report's paired tests); retrieval in R@1 per direction.", "",
            "| defense | set | " + " | ".join(attacks) + " |", "|---|---|" + "---:|" * len(attacks)]
     for m in defenses:
         for r in rows:
             out.append(f"| {label(m)} | {r}{role.get(r, '')} | "
                        + " | ".join(_delta(cells.get((m, r, a))) for a in attacks) + " |")
-    out.append("")
-    for m in defenses:
-        verdicts = [_verdict([c for (mm, rr, _), c in cells.items() if mm == m and rr == r], r) for r in rows]
-        out.append(f"- {label(m)}: " + "; ".join(verdicts) + ".")
-    return out + [""]
+    return out + [""] + [f"- {v}" for v in defense_verdicts(comparisons)] + [""]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+
+from mmcoa.stats import Z95, cluster_interval, wilson_score
 
 from mmcoa.report.collection import Collection, HEADLINE, RETRIEVAL_COLUMNS, ReportError, label, worst_name
-from mmcoa.report.format import budget, cell, p_text, pct, runtime_text
+from mmcoa.report.format import budget, cell, pct, runtime_text
 from mmcoa.report.findings import (
     Comparison,
     compare,
+    defense_verdicts,
     findings_markdown,
+    holm_statement,
     masking_markdown,
     training_markdown,
     transfer_markdown,
@@ -63,21 +68,65 @@ def retrieval_markdown(col: Collection) -> list[str]:
         e0 = evs[0]
         out += [f"### {d}", "", f"{e0.n} images (image->text queries), {e0.n_for('t2i')} captions "
                 "(text->image queries); recall (%) with 95% intervals. An image->text query is correct when any "
-                "of its captions is in the top k; a text->image query when its own image is.", "",
+                "of its captions is in the top k; a text->image query when its own image is. The captions of "
+                "one image are one cluster: text->image intervals are Wilson intervals at the design-effect "
+                "sample size (at most the number of images where a result does not record which image "
+                "owns each caption).", "",
                 "| model | attack | " + " | ".join(c.replace("i2t_r", "I->T R@").replace("t2i_r", "T->I R@") for c in RETRIEVAL_COLUMNS) + " |",
                 "|---|---|" + "---:|" * len(RETRIEVAL_COLUMNS)]
         for e in evs:
             for a in attacks:
                 if any(e.acc(a, c) is not None for c in RETRIEVAL_COLUMNS):
-                    out.append(f"| {label(e.model)} | {a} | " + " | ".join(cell(e.acc(a, c), e.n_for(c)) for c in RETRIEVAL_COLUMNS) + " |")
+                    out.append(f"| {label(e.model)} | {a} | " + " | ".join(recall_cell(e, a, c) for c in RETRIEVAL_COLUMNS) + " |")
         out += [""] + [f"- {a}: {budget(e0.threat(a))}" for a in attacks if a != "clean"] + [""]
     return (["## Retrieval", ""] + out) if out else []
+
+
+def recall_cell(e, attack: str, column: str) -> str:
+    """A recall with its 95% interval; caption queries clustered by the image they belong to."""
+    v = e.acc(attack, column)
+    if v is None or not column.startswith("t2i"):
+        return cell(v, e.n_for(column))
+    owners, key = e.clusters(column), f"{attack}.{column}"
+    lo, hi = cluster_interval(e.correct[key], owners) if owners and key in e.correct else wilson_score(v, e.n, Z95)
+    return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+TEXT_RULE = ("Class-name words are never edited: no word substitution and no character edit changes a word of "
+             "the true class's name, and no class-name word is offered as a candidate, so an attacked prompt still "
+             "names its class (an edit that does not is a label change, not an attack).")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def text_rule_markdown(col: Collection) -> list[str]:
+    """The text-attack rule in force, checked on every adversarial prompt the evaluations recorded."""
+    checked, broken = 0, []
+    for e in col.evals:
+        names = e.result.get("classnames", [])
+        for attack, ex in sorted(e.result.get("examples", {}).items()):
+            for label_, prompt in zip(ex.get("label", []), ex.get("prompts", [])):
+                if not 0 <= label_ < len(names):
+                    continue
+                checked += 1
+                words = _words(prompt["adversarial"])
+                if any(w not in words for w in _words(names[label_])):
+                    broken.append(f"{label(e.model)}, {e.dataset}, {attack}: `{prompt['clean']}` -> `{prompt['adversarial']}`")
+    out = ["## Text-attack rule", "", TEXT_RULE]
+    if broken:
+        out += ["", f"Broken in {len(broken)} of {checked} recorded adversarial prompts:", ""] + [f"- {b}" for b in broken]
+    elif checked:
+        out += ["", f"Checked on the {checked} adversarial prompts the evaluations recorded: each keeps its class name."]
+    return out + [""]
 
 
 # --- markdown --------------------------------------------------------------------------------
 
 
-def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] | None = None) -> str:
+def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] | None = None,
+                    comparisons: list[Comparison] | None = None) -> str:
     """The report: overview, per-attack tables, worst case, retrieval, training threat models, checks, findings."""
     out = ["# Robustness report", ""]
     ft, held = col.finetune, col.held_out
@@ -105,12 +154,13 @@ def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] |
             members = ", ".join(f"{a} (cascade)" if (col.threat(a) or {}).get("worst_only") else a for a in col.family_attacks(family))
             out += [f"### {family} (worst over {members})", "", *accuracy_table(col, worst_name(family)), ""]
     out += retrieval_markdown(col)
+    out += text_rule_markdown(col)
     out += training_markdown(col)
     out += ["## Gradient-masking checks", ""]
     out += masking_markdown(col)
     if any(e.result.get("sweep") for e in col.evals) and "sweep" in figures:
         out += ["## Robust accuracy against eps", "", f"![eps sweep]({figures['sweep']})", ""]
-    comparisons = compare(col)
+    comparisons = compare(col) if comparisons is None else comparisons
     transfer = transfer_markdown(col, comparisons)
     if transfer:
         out += ["## Does robustness transfer?", "", *transfer]
@@ -119,7 +169,7 @@ def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] |
         "No paired per-sample outcomes were found, so no comparison is stated.", ""]
     skipped = unpaired(col)
     if skipped:
-        out += [f"Not compared (outcomes on different samples): {'; '.join(skipped)}.", ""]
+        out += [f"Not compared (never paired query by query): {'; '.join(skipped)}.", ""]
     out += _prompts_markdown(col)
     examples = [(k, p) for k, p in figures.items() if k.startswith("examples:")]
     if examples:
@@ -150,8 +200,13 @@ def _prompts_markdown(col: Collection) -> list[str]:
     return (["## Adversarial prompts (fine-tuning set)", ""] + out + [""]) if out else []
 
 
-def render_summary(col: Collection, reference: str = "mmcoa") -> str:
-    """Compact results for README: the headline table and the reference model's significant findings."""
+def render_summary(col: Collection, figure: str | None = None, report: str = "reports/report.md",
+                   comparisons: list[Comparison] | None = None) -> str:
+    """README's results: one headline table, the overview figure, one Holm-corrected findings paragraph
+    (the same tests and correction as the report's) and a link to the report for everything else.
+
+    ``figure`` and ``report``: their paths as the README links them.
+    """
     ft = col.finetune
     fams = col.families()
     cols = [(d, a) for d in ft for a in HEADLINE if any(col.get(m, d) and col.get(m, d).acc(a) is not None for m in col.models)]
@@ -163,55 +218,21 @@ def render_summary(col: Collection, reference: str = "mmcoa") -> str:
         cells += [pct((col.heldout_mean(m, a) or (None,))[0]) for a in held]
         out.append(f"| {label(m)} | " + " | ".join(cells) + " |")
     out.append("")
-    ns = "; ".join(f"{d}: {e.n} samples" for d in col.datasets() for e in [next(x for x in col.evals if x.dataset == d)])
-    out.append(f"Accuracy (%). Samples per dataset: {ns}. Held-out columns average {len(col.held_out)} held-out "
+    ns = "; ".join(f"{d}: {e.n}" for d in col.datasets() for e in [next(x for x in col.evals if x.dataset == d)])
+    threats = "; ".join(f"{a}: {budget(col.threat(a))}" for a in HEADLINE[1:] if col.threat(a))
+    out.append(f"Accuracy (%); samples per dataset: {ns}. Held-out columns average {len(col.held_out)} held-out "
                f"zero-shot sets ({', '.join(col.held_out) or 'none'}); worst_<family> counts a sample as correct only "
-               "if it survives every attack of the family.")
-    out += ["", "Threat models: " + "; ".join(f"{a}: {budget(col.threat(a))}" for a in HEADLINE[1:] if col.threat(a)) + ".", ""]
-    out += _runtime_lines(col)
-    out += retrieval_summary(col)
-    comparisons = compare(col)
-    transfer = transfer_markdown(col, comparisons)
-    if transfer:
-        out += ["Does robustness transfer beyond the fine-tuning set, and at what clean cost? " + transfer[0], *transfer[1:]]
-    out += reference_findings(comparisons, reference)
+               f"if it survives every attack of the family." + (f" Threat models: {threats}." if threats else ""))
+    out.append("")
+    if figure:
+        out += [f"![overview]({figure})", ""]
+    comparisons = compare(col) if comparisons is None else comparisons
+    if comparisons:
+        verdicts = defense_verdicts(comparisons)
+        out += [holm_statement(comparisons) + (" Against the base: " + " ".join(verdicts) if verdicts else ""), ""]
+    out.append(f"Every attack with 95% intervals, retrieval, the threat models each defense trained on, the "
+               f"gradient-masking checks and every paired test: [{report}]({report}).")
     return "\n".join(out)
-
-
-def retrieval_summary(col: Collection) -> list[str]:
-    """R@1 of both directions per model and headline attack, one compact table per retrieval set."""
-    out = []
-    for d in col.datasets("retrieval"):
-        evs = [e for e in col.evals if e.dataset == d]
-        attacks = [a for a in HEADLINE if any(e.acc(a, "i2t_r1") is not None for e in evs)]
-        out += [f"Retrieval on {d} ({evs[0].n} images, {evs[0].n_for('t2i')} captions), R@1 (%) image->text / "
-                "text->image:", "", "| model | " + " | ".join(attacks) + " |", "|---|" + "---:|" * len(attacks)]
-        for e in evs:
-            cells = [f"{pct(e.acc(a, 'i2t_r1'))} / {pct(e.acc(a, 't2i_r1'))}" for a in attacks]
-            out.append(f"| {label(e.model)} | " + " | ".join(cells) + " |")
-        out.append("")
-    return out
-
-
-def reference_findings(comparisons: list[Comparison], reference: str) -> list[str]:
-    """One line per (scope, attack): where ``reference`` is significantly above or below each other model."""
-    groups: dict[tuple[str, str], list[Comparison]] = {}
-    for c in comparisons:
-        if reference in (c.a, c.b):
-            groups.setdefault((c.scope, c.attack), []).append(c)
-    if not groups:
-        return []
-    out = [f"Findings for {label(reference)} (exact McNemar test on the same samples, p < 0.05):", ""]
-    for (scope, attack), cs in groups.items():
-        parts = []
-        for c in (c for c in cs if c.significant):
-            other, d = (c.b, c.diff) if c.a == reference else (c.a, -c.diff)
-            parts.append(f"{'>' if d > 0 else '<'} {label(other)} ({100 * d:+.1f} points, p = {p_text(c.p)})")
-        same = [label(c.b if c.a == reference else c.a) for c in cs if not c.significant]
-        if same:
-            parts.append(f"not distinguishable from {', '.join(same)} at this sample size")
-        out.append(f"- {attack} on {scope} ({cs[0].n} samples): {label(reference)} {'; '.join(parts)}.")
-    return out + [""]
 
 
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
