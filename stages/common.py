@@ -267,5 +267,13 @@ def eval_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mmcoa" / "eval-cache"
 
 
+def table_console() -> Console:
+    """A console for tables on stdout: the terminal's width, or off one (a log, a pipe) wide enough that
+    a row stays on one line unless $COLUMNS says otherwise."""
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return Console(width=None if wide else 200)
+
+
 def log(message: str) -> None:
-    console.print(message, highlight=False)
+    """One line on stderr (not wrapped: a log keeps it whole)."""
+    console.print(message, highlight=False, soft_wrap=True)
