@@ -25,15 +25,19 @@ from mmcoa.report import (
     finding,
     headline_metrics,
     load_evaluation,
+    TEXT_RULE,
     masking_flags,
     masking_markdown,
     seed_runs,
+    self_transfer,
+    text_rule_markdown,
     seeds_markdown,
     splice_summary,
     trained_status,
     transfer_markdown,
 )
-from mmcoa.stats import accuracy_interval, holm, mean_interval, paired_test, spread, wilson_interval
+from mmcoa.stats import (accuracy_interval, cluster_interval, cluster_paired_test, holm, mean_interval, paired_test, spread,
+                         wilson_interval)
 from stages.cli import app
 from stages.common import StageError
 
@@ -41,10 +45,11 @@ PGD = {"attack": "pgd", "side": "image", "family": "image", "norm": "linf", "eps
 SQUARE = {"attack": "square", "side": "image", "family": "image", "norm": "linf", "eps_255": 4, "queries": 1000}
 WORD = {"attack": "word", "side": "text", "family": "text", "word_budget": 1, "candidates": "glove", "k": 10}
 CHAR = {"attack": "char", "side": "text", "family": "text", "char_budget": 1}
+TRANSFER = {"attack": "transfer", "side": "image", "family": "image", "source": "models/base", "crafted_with": PGD}
 MM = {"attack": "multimodal", "side": "both", "family": "multimodal", "mode": "co_attack", "image": PGD, "text": WORD}
 THREATS = {"clean": {"attack": "none", "side": "image", "family": "clean"}, "image": PGD, "square": SQUARE,
-           "text": WORD, "text_char": CHAR, "multimodal": MM}
-FAMILIES = {"image": ["image", "square"], "text": ["text", "text_char"], "multimodal": ["multimodal"]}
+           "text": WORD, "text_char": CHAR, "multimodal": MM, "transfer": TRANSFER}
+FAMILIES = {"image": ["image", "square", "transfer"], "text": ["text", "text_char"], "multimodal": ["multimodal"]}
 
 
 def vec(n: int, k: int, seed: int = 0, within: list[int] | None = None) -> list[int]:
@@ -122,6 +127,40 @@ def test_mean_interval_holm_and_spread_by_hand():
     s = spread([0.5, 0.7, 0.6])
     assert (s.mean, s.min, s.max, s.n) == pytest.approx((0.6, 0.5, 0.7, 3))
     assert s.std == pytest.approx(math.sqrt(((0.1) ** 2 + 0.1 ** 2) / 2))
+
+
+def test_cluster_paired_test_exact_against_enumeration_and_mcnemar():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2, 60), rng.integers(0, 2, 60)
+    # One sample per cluster: the exact McNemar test.
+    assert cluster_paired_test(a, b, range(60)).p == pytest.approx(paired_test(a, b).p, rel=1e-9)
+    # Clusters of 4 identical outcomes: McNemar on the clusters (the per-image test), not on 240 samples.
+    owners = np.repeat(np.arange(60), 4)
+    t = cluster_paired_test(np.repeat(a, 4), np.repeat(b, 4), owners)
+    assert t.p == pytest.approx(paired_test(a, b).p, rel=1e-9) and (t.n01, t.n10) == (4 * paired_test(a, b).n01, 4 * paired_test(a, b).n10)
+    assert paired_test(np.repeat(a, 4), np.repeat(b, 4)).p < t.p
+    # Unequal clusters: the p-value is the share of all 2**m sign flips of per-cluster differences at least as extreme.
+    owners = rng.integers(0, 10, 60)
+    d = np.array([np.sum(a[owners == c]) - np.sum(b[owners == c]) for c in range(10)])
+    flips = np.array(np.meshgrid(*[[-1, 1]] * 10)).reshape(10, -1).T
+    expect = np.mean(np.abs(flips @ np.abs(d)) >= abs(d.sum()))
+    assert cluster_paired_test(a, b, owners).p == pytest.approx(expect, rel=1e-12)
+    # Cluster labels need not be 0..C-1 nor sorted.
+    assert cluster_paired_test(a, b, owners * 7 + 3).p == pytest.approx(expect, rel=1e-12)
+    assert cluster_paired_test([1, 0], [1, 0], [0, 1]).p == 1.0
+
+
+def test_cluster_interval_by_hand():
+    y = np.array([1] * 30 + [0] * 70)
+    assert cluster_interval(y, range(100)) == pytest.approx(wilson_interval(30, 100), abs=1e-12)
+    assert cluster_interval(np.repeat(y, 5), np.repeat(np.arange(100), 5)) == pytest.approx(wilson_interval(30, 100), abs=1e-12)
+    assert cluster_interval(np.zeros(20), np.repeat(np.arange(4), 5)) == pytest.approx(wilson_interval(0, 4), abs=1e-12)
+    # Partly clustered: between the two extremes.
+    mixed = np.repeat(y, 5)
+    mixed[::10] = 1 - mixed[::10]
+    lo, hi = cluster_interval(mixed, np.repeat(np.arange(100), 5))
+    naive = wilson_interval(int(mixed.sum()), 500)
+    assert lo < naive[0] and hi > naive[1]
 
 
 # --- the report's arithmetic -----------------------------------------------------------------
@@ -290,6 +329,84 @@ def test_masking_flag_when_white_box_beats_square(tmp_path):
     assert len(flags) == 1 and "white-box image 50.0% is above black-box square (square) 40.0%" in flags[0]
     assert masking_flags(load_all(tmp_path / "b")) == []
     assert "checked in 1 of 1 evaluations." in masking_markdown(load_all(tmp_path / "b"))[0]
+
+
+@pytest.mark.parametrize("recorded", [True, None])  # recorded by the evaluation, or judged by the source's folder
+def test_transfer_from_the_model_itself_is_no_masking_check(tmp_path, recorded):
+    n = 100
+    clean = vec(n, 80)
+    image = vec(n, 50, 1, clean)
+    for model in ("base", "tecoa"):
+        same = model == "base" if recorded is None else {"base": True, "tecoa": False}[model]
+        threat = {**TRANSFER, **({} if recorded is None else {"source_is_target": same})}
+        # A white-box attack above the transfer one: a masking flag, unless the transfer source is the model.
+        folder = write_eval(tmp_path, model, "fm", {"clean": clean, "image": image, "transfer": vec(n, 40, 2, clean)},
+                            role="finetune")
+        result = json.loads((folder / "result.json").read_text())
+        result["threat_models"]["transfer"] = threat
+        (folder / "result.json").write_text(json.dumps(result))
+    col = load_all(tmp_path)
+    assert [self_transfer(col.get(m, "fm"), "transfer") for m in ("base", "tecoa")] == [True, False]
+    flags = masking_flags(col)
+    assert len(flags) == 1 and flags[0].startswith("TeCoA on fm: white-box image 50.0% is above black-box transfer")
+    md = "\n".join(masking_markdown(col))
+    assert "Not a check: transfer on base (no defense), fm (the transfer source is the evaluated model itself" in md
+    # Without the flagged defense: the base alone has no check left, and the count says so.
+    shutil.rmtree(tmp_path / "tecoa")
+    md = "\n".join(masking_markdown(load_all(tmp_path)))
+    assert "checked in 0 of 1 evaluations (no black-box attack in the suite)" in md and "Not a check: transfer" in md
+
+
+def test_robust_but_wrong_clean_is_rejected(tmp_path):
+    folder = write_eval(tmp_path, "base", "fm", {"clean": [1, 1, 0, 0], "image": [1, 0, 1, 0]}, role="finetune")
+    with pytest.raises(ReportError, match=r"outcomes.json: correct.image counts 1 sample\(s\) wrong clean as robust"):
+        load_all(tmp_path)
+    res = run_report(tmp_path, tmp_path / "out")
+    assert isinstance(res.exception, StageError) and res.exception.code == 2 and not (tmp_path / "out").exists()
+    assert folder.is_dir()
+
+
+def test_text_rule_is_stated_and_checked_on_recorded_prompts(tmp_path):
+    folder = write_eval(tmp_path, "base", "fm", {"clean": vec(20, 10)}, role="finetune")
+    result = json.loads((folder / "result.json").read_text())
+    result["classnames"] = ["5", "ankle boot"]
+    result["examples"] = {"text_char": {"label": [0, 1], "clean_pred": [0, 1], "prompts": [
+        {"clean": 'a photo of the number: "5".', "adversarial": 'a photo of the numbr: "5".'},
+        {"clean": "a photo of an ankle boot.", "adversarial": "a phto of an ankle boot."}]}}
+    (folder / "result.json").write_text(json.dumps(result))
+    md = "\n".join(text_rule_markdown(load_all(tmp_path)))
+    assert TEXT_RULE in md and "Checked on the 2 adversarial prompts the evaluations recorded" in md
+    result["examples"]["text_char"]["prompts"][0]["adversarial"] = 'a photo of the number: "k".'
+    (folder / "result.json").write_text(json.dumps(result))
+    md = "\n".join(text_rule_markdown(load_all(tmp_path)))
+    assert 'Broken in 1 of 2 recorded adversarial prompts' in md and '`a photo of the number: "k".`' in md
+
+
+def test_readme_block_is_table_figure_findings_and_link(tmp_path):
+    n = 200
+    nested = lambda k: [1] * k + [0] * (n - k)  # noqa: E731
+    trained = {"method": "mmcoa", "dataset": "fm", "image": {"norm": "linf", "eps_255": 4}, "text": None}
+    write_eval(tmp_path / "evals", "base", "fm", {"clean": nested(150), "text": nested(60)}, role="finetune")
+    write_eval(tmp_path / "evals", "mmcoa", "fm", {"clean": nested(150), "text": nested(140)}, role="finetune",
+               trained_on=trained)
+    write_eval(tmp_path / "evals", "base", "digits", {"clean": nested(180), "text": nested(100)})
+    write_eval(tmp_path / "evals", "mmcoa", "digits", {"clean": nested(120), "text": nested(95)}, trained_on=trained)
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n<!-- results:start -->\nold\n<!-- results:end -->\n")
+    res = CliRunner().invoke(app, ["report", "--evals", str(tmp_path / "evals"), "--out", str(tmp_path / "reports"),
+                                   "--readme", str(readme)])
+    assert res.exit_code == 0, res.output
+    block = readme.read_text().split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+    tables = [line for line in block.splitlines() if line.startswith("|---")]
+    assert len(tables) == 1 and "![overview](reports/figures/overview.png)" in block
+    assert (tmp_path / "reports" / "figures" / "overview.png").is_file()
+    assert block.rstrip().endswith("[reports/report.md](reports/report.md).")
+    md = (tmp_path / "reports" / "report.md").read_text()
+    statement = [line for line in md.splitlines() if "paired comparisons on the same samples" in line][0].split(" The held-out")[0]
+    assert statement in block and "Against the base: MMCoA: on fm above the base under text" in block
+    assert TEXT_RULE in md and "| MMCoA | fm | image [L-inf eps 4/255] |" in md
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    assert "![overview](figures/overview.png)" in summary and "[report.md](report.md)" in summary
 
 
 def test_trained_on_versus_held_out():
