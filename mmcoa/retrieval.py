@@ -121,6 +121,7 @@ class RetrievalTask:
         self.model, self.data, self.batch_size, self.size = model, data, batch_size, size
         self.caption_image = data.caption_image.to(model.device)
         self.on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+        self._alone: dict[Attack, list[str]] = {}
 
     # images ------------------------------------------------------------------------------------
 
@@ -193,12 +194,15 @@ class RetrievalTask:
             self.model, image_emb, self.caption_image[start : start + len(chunk)], k=k))
 
     def attack_texts_alone(self, attack: Attack) -> list[str]:
-        """Adversarial captions pushed away from their own clean embeddings (no image; Co-Attack's text step)."""
+        """Adversarial captions pushed away from their own clean embeddings (no image; Co-Attack's text
+        step). They depend on no k, so the runs aimed at each k share one (kept per attack)."""
         def objective(chunk: list[str], start: int) -> EmbeddingKLObjective:
             with torch.no_grad():
                 return EmbeddingKLObjective(self.model, self.model.encode_text(self.model.tokenize(chunk), normalize=False))
 
-        return self._perturb_texts(attack, objective)
+        if attack not in self._alone:
+            self._alone[attack] = self._perturb_texts(attack, objective)
+        return self._alone[attack]
 
 
 @dataclass
