@@ -99,3 +99,52 @@ def test_start_that_fools_is_kept_when_the_step_does_not():
     assert fooled_at_start.any() and (~fooled_at_start).any()
     assert torch.equal(adv[fooled_at_start], start[fooled_at_start])
     assert torch.equal(adv[~fooled_at_start], plain[~fooled_at_start])
+
+
+# --- the catastrophic-overfitting guard --------------------------------------------------------
+
+
+def guarded(trained_model, fmnist, action: str):
+    """TeCoA with a 'single step' that barely moves (as an overfitted FGSM looks to the model) at 16/255,
+    so that PGD-10 in the same ball leaves far fewer probe samples correct: the guard's condition."""
+    from mmcoa.config import OverfitGuardParams, TrainAttackSpec
+    from mmcoa.defenses import DefenseContext, create_defense
+    from mmcoa.defenses.overfit import OverfitGuard
+
+    train_set, _ = fmnist
+    spec = TrainAttackSpec(attack="fgsm", params={"eps_255": 16, "step_255": 0.01, "random_start": False})
+    ctx = DefenseContext(train_set.classnames, train_set.templates[0], image_attack=spec, text_attack=None)
+    defense = create_defense("tecoa", trained_model, ctx)
+    params = OverfitGuardParams(every=1, probe_size=32, action=action)
+    assert OverfitGuard.wanted(defense, params)  # on by default for a single-step adversary
+    probe = (train_set.float_images(slice(0, 32)), train_set.labels[:32])
+    return defense, OverfitGuard(defense, trained_model, probe, params), train_set
+
+
+def test_guard_stops_with_the_step_named(trained_model, fmnist):
+    from mmcoa.defenses.overfit import CatastrophicOverfitting
+    from mmcoa.train import TrainConfig, train
+
+    defense, guard, train_set = guarded(trained_model, fmnist, "stop")
+    with pytest.raises(CatastrophicOverfitting, match=r"catastrophic overfitting at step 1: .*PGD-10"):
+        train(trained_model, defense, train_set, TrainConfig(steps=3, batch_size=16, lr=1e-5), monitors=[guard])
+    assert guard.record()["outcome"] == "stopped" and guard.events[0]["step"] == 1
+
+
+def test_guard_switches_to_pgd_and_the_record_says_so(trained_model, fmnist):
+    from mmcoa.train import TrainConfig, train
+
+    defense, guard, train_set = guarded(trained_model, fmnist, "switch")
+    history = train(trained_model, defense, train_set, TrainConfig(steps=3, batch_size=16, lr=1e-5), monitors=[guard])
+    assert history[0]["overfit_event"] == 1 and history[0]["overfit_gap"] > 0.2
+    assert [h.get("image_component", 0) for h in history] == [0, 1, 1]
+    record = guard.record()
+    assert record["outcome"] == "switched" and record["checks"] == 1
+    image = defense.record(history)["image_attack"]
+    assert [c["attack"] for c in image["components"]] == ["fgsm", "pgd"]
+    assert image["components"][1]["added_by"] == "overfit_guard" and image["components"][1]["from_step"] == 2
+    assert [c["steps_drawn"] for c in image["components"]] == [1, 2]
+    # a resumed run restores the switch from its history
+    _, again, _ = guarded(trained_model, fmnist, "switch")
+    again.resume(history[:1])
+    assert again.adversary.replaced is not None and again.adversary.replaced[0] == 1
