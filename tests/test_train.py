@@ -3,6 +3,7 @@ checkpoints, divergence handling, torchrun data parallelism, and the CUDA-only p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -164,6 +165,30 @@ def test_sigkill_mid_training_then_rerun_equals_an_uninterrupted_run(fmnist_dir,
     assert max_diff(weights(resumed), weights(straight)) <= 1e-6
     torch.manual_seed(0)
     assert max_diff(weights(straight), weights(create_model(MICRO))) > 1e-4  # it did train
+
+
+def test_truncated_last_checkpoint_resumes_from_the_previous_one(fmnist, tmp_path):
+    """A last.pt cut short (a full disk, a broken copy) costs one checkpoint interval: the rerun resumes
+    from previous.pt and ends with the weights of a run that never stopped; with both unreadable, one
+    error names the file and the fix."""
+    train_set, _ = fmnist
+    cfg = TrainConfig(steps=3, batch_size=8, lr=1e-3, optimizer="adam", checkpoint_every=1)
+    model, defense = micro_mmcoa(train_set)
+    train(model, defense, train_set, dataclasses.replace(cfg, steps=2), checkpoint_dir=tmp_path, run_hash="h")
+    last = tmp_path / CHECKPOINT_NAME
+    last.write_bytes(last.read_bytes()[:1000])
+    resumed, defense = micro_mmcoa(train_set)
+    with pytest.warns(UserWarning, match=r"last\.pt is unreadable .*resuming from .*previous\.pt \(step 1\)"):
+        history = train(resumed, defense, train_set, cfg, checkpoint_dir=tmp_path, run_hash="h")
+    assert [h["step"] for h in history] == [1, 2, 3]
+    straight, defense = micro_mmcoa(train_set)
+    train(straight, defense, train_set, cfg, checkpoint_dir=tmp_path / "straight", run_hash="h")
+    assert max_diff(weights(resumed), weights(straight)) <= 1e-6
+    for path in (last, tmp_path / PREVIOUS_NAME):
+        path.write_bytes(b"")
+    model, defense = micro_mmcoa(train_set)
+    with pytest.raises(CheckpointUnreadable, match=r"last\.pt is unreadable .*delete .* to train from the start"):
+        train(model, defense, train_set, cfg, checkpoint_dir=tmp_path, run_hash="h")
 
 
 # --- divergence -------------------------------------------------------------------------------
