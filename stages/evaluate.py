@@ -202,9 +202,10 @@ def _retrieval(name: str, model: ClipModel, dataset, indices: list[int], p: Para
     suite = [(entry.name, entry.attack) for entry in suite_from_specs(specs)]
     opts = loader_options(model, p)
     with progress() as bar:
-        bar.add_task(f"{name} on {dataset.name} (retrieval)", total=None)
+        t = bar.add_task(f"{name} on {dataset.name} (retrieval)", total=None)
         result = evaluate_retrieval(model, dataset, suite, len(dataset), e.batch_size, p.seed, size=opts["size"],
-                                    interpolation=opts["interpolation"])
+                                    interpolation=opts["interpolation"],
+                                    on_progress=lambda run, done, total: bar.update(t, completed=done, total=total))
     queries = {"image_indices": result.image_indices.tolist(), "caption_image": result.caption_image.tolist(),
                "caption_indices": result.caption_indices.tolist()}
     payload = {

@@ -152,6 +152,20 @@ def test_hf_hub_model_from_a_local_cache_outside_a_project(tmp_path, monkeypatch
     assert not (tmp_path / "work" / "data").exists()
 
 
+def test_a_retrieval_file_declared_in_params(project, monkeypatch, capsys, tmp_path):
+    captions = ["image,caption"] + [f"tree/test/class_{CLASSES[y]}/{i:03d}.png,a drawing of a {CLASSES[y]}"
+                                    for i, (_, y) in enumerate(digit_images(8))]
+    (project / "captions.csv").write_text("\n".join(captions) + "\n")
+    code, _, err = mmcoa(["evaluate", "--model", f"{MICRO}:micro.safetensors", "--data", "pairs", "-S",
+                          "evaluate.sources={pairs: {retrieval_csv: captions.csv}}", "-S", "evaluate.n_images=6",
+                          "--attack", "pgd:eps_255=4,steps=1", "--out", str(tmp_path / "out")], project, monkeypatch, capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "out" / "suite.json").read_text())["rows"]
+    assert {(r["task"], r["dataset"]) for r in rows} == {("retrieval", "pairs")}
+    assert {r["metric"] for r in rows} == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    assert {r["n"] for r in rows if r["metric"].startswith("i2t")} == {6} and "(retrieval)" in err
+
+
 def _one_line_exit_2(code: int, err: str, *names: str) -> None:
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
