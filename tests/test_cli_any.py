@@ -194,6 +194,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(project, monkeypatch, c
         "absent dataset": (good, "cifar10", ["-S", f"data.root={tmp_path / 'raw'}"], ["cifar10", str(tmp_path / "raw")]),
         "csv naming missing files": (good, f"csv:{tmp_path / 'broken.csv'}", [], ["nowhere/", "not found"]),
         "unprepared folder": (good, str(tmp_path / "plain"), [], [f"folder:{tmp_path / 'plain'}", "mmcoa fetch-eval"]),
+        "missing prepared folder": (good, "data/eval/nope", [], ["data/eval/nope", "mmcoa fetch-eval nope --out"]),
         "unknown attack parameter": (good, "digits", ["--attack", "pgd:epz=1"], ["epz", "mmcoa attack --list"]),
         "wrong declared classnames": (good, "{csv: drawings.csv, classnames: [cat, dog]}", [], ["label '2'", "classnames"]),
     }

@@ -99,6 +99,9 @@ def resolve_reference(text: str, sources: Mapping[str, Any] | None = None) -> tu
             f"{text}: a folder but not a prepared subset (no {MANIFEST}); for an image tree ({text}/train/<class>/...) "
             f"pass folder:{text}, or prepare it with `mmcoa fetch-eval NAME --out {text}`"
         )
+    if "/" in text or os.sep in text:
+        raise DataError(f"{text}: no such folder; prepare it with `mmcoa fetch-eval {Path(text).name} --out {text}`, "
+                        "or give a dataset reference (`mmcoa datasets` lists the forms)")
     schemes = ", ".join(f"{s}:PATH" for s in (*list_schemes(), "retrieval-json", "retrieval-csv") if s != "declared")
     raise DataError(
         f"unknown dataset '{text}': give a registered name ({', '.join(list_datasets() + list_retrieval_datasets())}; "
