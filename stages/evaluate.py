@@ -77,7 +77,8 @@ def eval_subset(text: str, p: Params) -> Path:
     try:
         reference, name = resolve_reference(text, p.evaluate.sources)
         folder, reused = cached_eval_subset(reference, name, eval_cache_root(), EvalDraw.from_params(p))
-        sha = read_manifest(folder).get("sha256") or read_manifest(folder).get("content_sha256", "")
+        meta = read_manifest(folder)
+        sha = meta.get("sha256") or meta.get("content_sha256", "")
     except DataError as err:
         raise StageError(str(err)) from None
     log(f"{'reusing' if reused else 'prepared'} {text} -> {folder} (content sha256 {sha[:12]})")

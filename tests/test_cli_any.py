@@ -116,6 +116,11 @@ def test_models_and_datasets_of_every_kind_in_one_command_then_reused(project, m
     tree = next(m for m in manifests if m["dataset"] == "folder_tree")
     assert tree["classnames"] == sorted(f"class {c}" for c in CLASSES)  # folder names, as words
 
+    # the pipeline's fetch-eval of the declared dataset draws the same subset as the cache
+    code, _, err = mmcoa(["fetch-eval", "drawings", "--out", "data/eval/drawings"], project, monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((project / "data" / "eval" / "drawings" / "manifest.json").read_text()) == drawings
+
     code, out, err = mmcoa([*args, "--out", "second"], project, monkeypatch, capsys)
     assert code == 0, err
     assert cache_entries(project) == prepared and err.count("reusing") == len(data)  # not prepared again
