@@ -30,7 +30,7 @@ top k, and that choice moves the attack itself, not only its early exit: the tex
 an edit against the k-th best competitor, and an image attack returns the first iterate that fools
 (else the last one). An attack aimed at R@10 is therefore weaker on R@1 than one aimed at R@1. So
 each attack runs once per reported k (1, 5, 10), every run from the same seed, and R@k, in both
-directions, is scored from the run aimed at R@k. This costs three runs per attack, less than three
+directions, is the lowest over those runs (:func:`strongest_runs`; at most the run aimed at R@k). This costs three runs per attack, less than three
 times one run: a query already out of the top k leaves its run at once (early exit per k). The
 adversarial captions and the example images kept are those of the run aimed at R@1.
 
@@ -61,7 +61,7 @@ from mmcoa.attacks.objectives import (
 )
 from mmcoa.data.registry import DataError
 from mmcoa.data.retrieval import RetrievalDataset
-from mmcoa.data.transforms import check_resize, resize_batch
+from mmcoa.data.transforms import check_resize, resize_floats
 from mmcoa.models import ClipModel
 
 KS = (1, 5, 10)
@@ -128,19 +128,19 @@ class RetrievalTask:
     def _collate(self, batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         images, idx = [img for img, _ in batch], torch.tensor([i for _, i in batch], dtype=torch.long)
         if self.size is not None:
-            return resize_batch(images, self.size, self.interpolation, self.resize_mode), idx
+            return resize_floats(images, self.size, self.interpolation, self.resize_mode), idx
         shapes = sorted({tuple(img.shape) for img in images})
         if len(shapes) > 1:
             raise DataError(
                 f"{self.data.name}: images differ in size ({shapes[0]} vs {shapes[-1]}); pass a size to resize them at load time"
             )
-        return torch.stack(images), idx
+        return torch.stack(images).float().div_(255.0), idx
 
     def batches(self):
         """(float images [B, C, H, W] in [0, 1], gallery indices [B]) in gallery order."""
         loader = DataLoader(self.data, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate)
         for images, idx in loader:
-            yield images.to(self.model.device).float().div_(255.0), idx.to(self.model.device)
+            yield images.to(self.model.device), idx.to(self.model.device)
 
     @torch.no_grad()
     def image_emb(self) -> torch.Tensor:
@@ -336,7 +336,7 @@ def evaluate_retrieval(
     """R@1/5/10 in both directions, clean and under each ``(name, attack)`` of ``suite``.
 
     Each attack runs once per k of ``KS``, every run from the same seed; R@k (both directions) is
-    scored from the run aimed at R@k (see the module doc). ``size``, ``interpolation``,
+    the lowest over those runs, so at most the run aimed at R@k (see the module doc). ``size``, ``interpolation``,
     ``resize_mode``: load-time resizing (see :class:`RetrievalTask`). ``n_examples`` first gallery
     images (and each one's first caption) are kept per attack in ``examples``.
     ``on_progress(name, done, total)`` after each attack (all its runs).
@@ -353,19 +353,19 @@ def evaluate_retrieval(
     if n_examples:
         examples["clean"] = _examples(gallery, {}, first_caption, None)
     for r, (name, attack) in enumerate(suite):
-        outcomes[name] = {}
+        runs: dict[int, dict[str, torch.Tensor]] = {}
         for k in KS:
             torch.manual_seed(attack_seed(seed, name))
             shown: dict[str, list[torch.Tensor]] = {}
             task.on_batch = _example_keeper(shown, n_examples) if n_examples and k == KS[0] else None
             result = run_retrieval_attack(attack, task, clean, k)
-            scored = retrieval_outcomes(result.image_emb, result.text_emb, gallery.caption_image)
-            outcomes[name].update({key: v for key, v in scored.items() if key.endswith(f"_r{k}")})
+            runs[k] = retrieval_outcomes(result.image_emb, result.text_emb, gallery.caption_image)
             if k == KS[0]:
                 if result.captions is not None:
                     captions[name] = result.captions
                 if n_examples:
                     examples[name] = _examples(gallery, shown, first_caption, result.captions)
+        outcomes[name] = strongest_runs(runs)
         task.on_batch = None
         if on_progress is not None:
             on_progress(name, r + 1, len(suite))
@@ -376,6 +376,24 @@ def evaluate_retrieval(
     threat = {"clean": {"attack": "none"}, **{name: a.threat_model() for name, a in suite}}
     return RetrievalResult(metrics, outcomes, threat, len(gallery), gallery.n_captions, gallery.source_indices,
                            gallery.caption_image, gallery.caption_indices, captions, examples)
+
+
+def strongest_runs(runs: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per metric, the per-query outcomes of the run (one per aimed k) with the lowest recall.
+
+    The run aimed at R@k is a candidate for every R@k, so each reported recall is at most the one
+    aimed at it; another run can be stronger still for the other direction (an image attack aims at
+    the image's own captions, i.e. image->text, and its run aimed at R@10 may push text->image R@1
+    further). Whole runs are compared, never queries across runs: every reported number comes from
+    one adversarial gallery. Ties go to the run aimed at the metric's own k.
+    """
+    chosen: dict[str, torch.Tensor] = {}
+    for key in runs[KS[0]]:
+        own = int(key.rsplit("_r", 1)[1])
+        order = [own, *(k for k in KS if k != own)]
+        best = min(order, key=lambda k: float(runs[k][key].float().mean()))
+        chosen[key] = runs[best][key]
+    return chosen
 
 
 def _example_keeper(shown: dict[str, list[torch.Tensor]], n_examples: int) -> Callable:

