@@ -40,8 +40,8 @@ TINY_CHANGES = {  # on top of the repo's params.yaml: DVC needs every key that d
         "steps": 2,
         "batch_size": 16,
         "checkpoint_every": 1,
-        "image_attack": {"steps": 1},
-        "text_attack": {"word_budget": 1, "k": 3},
+        "image_attack": {"params": {"steps": 1}},
+        "text_attack": {"params": {"word_budget": 1, "k": 3}},
     },
     "evaluate": {
         "datasets": ["fashion_mnist", "fmnist_pairs"],  # both tasks: classification and retrieval
