@@ -143,11 +143,13 @@ def runtime_record(device: torch.device) -> dict:
 
 
 def loader_options(model, params: Params) -> dict:
-    """How a model's images are loaded: resolution (native, or its input size), interpolation, workers."""
+    """How a model's images are loaded: resolution (native, or its input size), the model's interpolation
+    and resize mode (so the loader resizes as the model's own resize does), workers."""
     pre = getattr(model, "preprocess", {}) or {}
     return {
         "size": model.image_size[0] if params.data.resolution == "model" else None,
         "interpolation": pre.get("interpolation", "bicubic"),
+        "resize_mode": pre.get("resize_mode", "shortest"),
         "num_workers": params.data.num_workers,
         "pin_memory": model.device.type == "cuda",
     }

@@ -205,7 +205,7 @@ def _retrieval(name: str, model: ClipModel, dataset, indices: list[int], p: Para
     with progress() as bar:
         t = bar.add_task(f"{name} on {dataset.name} (retrieval)", total=None)
         result = evaluate_retrieval(model, dataset, suite, len(dataset), e.batch_size, p.seed, size=opts["size"],
-                                    interpolation=opts["interpolation"],
+                                    interpolation=opts["interpolation"], resize_mode=opts["resize_mode"],
                                     on_progress=lambda run, done, total: bar.update(t, completed=done, total=total))
     queries = {"image_indices": result.image_indices.tolist(), "caption_image": result.caption_image.tolist(),
                "caption_indices": result.caption_indices.tolist()}
