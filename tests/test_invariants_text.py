@@ -203,11 +203,12 @@ def zero_budget_attacks(mlm_dir: str) -> list[tuple[str, object]]:
 
 def test_zero_budget_reproduces_clean_logits_in_every_prompt_mode(micro, digits, tiny_mlm_dir):
     ds, x, y = digits
+    attacks = zero_budget_attacks(tiny_mlm_dir)
     for mode, templates in prompt_modes(ds).items():
         task = ZeroShotTask.from_templates(micro, ds.classnames, templates)
         with torch.no_grad():
             clean = task.classifier(x)
-        for spec_id, attack in zero_budget_attacks(tiny_mlm_dir):
+        for spec_id, attack in attacks:
             res = run_zeroshot_attack(attack, task, x, y)
             assert torch.equal(res.correct(y), clean.argmax(1) == y), (mode, spec_id)
             assert torch.equal(res.logits, clean), (mode, spec_id)
