@@ -27,7 +27,7 @@ from mmcoa.attacks.multimodal import ZeroShotTask, run_zeroshot_attack
 from mmcoa.attacks.transfer import Transfer, load_source
 from mmcoa.data import stratified_indices
 from mmcoa.models import ClipModel, ModelLoadError
-from mmcoa.zeroshot import ZeroShotClassifier, build_prompts, class_embeddings
+from mmcoa.zeroshot import ZeroShotClassifier, class_embeddings
 
 FAMILY_OF_SIDE = {"image": "image", "text": "text", "multimodal": "multimodal"}
 
@@ -151,14 +151,14 @@ def evaluate_classification(
 
     ``batches(index_lists)`` yields ``(images in [0, 1], labels, indices)`` for each list (a streaming
     loader over the dataset). Class prompts are ``templates`` (their mean embedding, computed once);
-    a text attack edits the first template's prompt of the true class, with class names protected.
+    a text attack edits the true class's prompt of every template (class names protected), and the
+    true class is scored with the ensemble of those edited prompts, as clean accuracy scores it.
     ``sweep``: (attack name, its params, eps list in 1/255) re-run at each eps, as
     ``sweep_eps<eps>`` entries, for the gradient-masking check.
     """
     device = model.device
-    prompts = build_prompts(classnames, templates[0])
     classifier = ZeroShotClassifier(model, class_embeddings(model, classnames, templates))
-    task = ZeroShotTask(classifier, prompts, set(classnames), classnames=list(classnames))
+    task = ZeroShotTask(classifier, protected=set(classnames), classnames=list(classnames), templates=list(templates))
     runs = _with_sweep(suite, sweep)
 
     mine = indices[dist.rank() :: dist.world_size()].tolist()
@@ -234,7 +234,7 @@ def _evaluate_batch(
     results: dict[str, Any] = {"clean": None}
 
     def run_one(entry: SuiteEntry, rows: torch.Tensor) -> torch.Tensor:
-        torch.manual_seed(_seed_for(seed, f"{entry.name}/{batch}"))
+        torch.manual_seed(_seed_for(seed, entry.name))  # image attacks key their draws by sample, not batch
         result = run_zeroshot_attack(entry.attack, task, images[rows], labels[rows])
         if len(rows) == len(images):
             results[entry.name] = result

@@ -166,15 +166,16 @@ class RetrievalTask:
         pos = positive_mask(self.caption_image, len(self.data))
         return self._perturb_images(attack, lambda x, idx: RetrievalImageObjective(self.model, text_emb, pos[idx], k=k))
 
-    def co_attack_images(self, attack: Attack, adv_text_emb: torch.Tensor, k: int) -> torch.Tensor:
-        """Co-Attack's image step: each image pushed away from its clean embedding and its adversarial
-        captions in ``adv_text_emb`` (:class:`RetrievalCoAttackImageObjective`); fooled out of the top ``k``."""
+    def co_attack_images(self, attack: Attack, adv_text_emb: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
+        """Co-Attack's image step: each image pushed away from its clean embedding and (weight ``alpha``)
+        its adversarial captions in ``adv_text_emb`` (:class:`RetrievalCoAttackImageObjective`); fooled
+        out of the top ``k``."""
         pos = positive_mask(self.caption_image, len(self.data))
 
         def objective(x: torch.Tensor, idx: torch.Tensor) -> RetrievalCoAttackImageObjective:
             with torch.no_grad():
                 clean = self.model.encode_image(x, normalize=False)
-            return RetrievalCoAttackImageObjective(self.model, clean, adv_text_emb, pos[idx], k=k)
+            return RetrievalCoAttackImageObjective(self.model, clean, adv_text_emb, pos[idx], alpha=alpha, k=k)
 
         return self._perturb_images(attack, objective)
 
@@ -233,7 +234,7 @@ def _co_attack(attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> Att
     # embeddings), then each image away from its clean embedding and its adversarial captions.
     captions = task.attack_texts_alone(attack.text_attack)
     adv_text = task.text_emb(captions)
-    return AttackOutcome(task.co_attack_images(attack.image_attack, adv_text, k), adv_text, captions)
+    return AttackOutcome(task.co_attack_images(attack.image_attack, adv_text, k, attack.params.alpha), adv_text, captions)
 
 
 def _joint(attack, task: RetrievalTask, clean: AttackOutcome, k: int) -> AttackOutcome:

@@ -31,11 +31,11 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
         return 0.0, 1.0
     if not 0 <= k <= n:
         raise ValueError(f"k={k} must lie in [0, n={n}]")
-    return _wilson(k / n, n, z)
+    return wilson_score(k / n, n, z)
 
 
-def _wilson(p: float, n: float, z: float) -> tuple[float, float]:
-    """Wilson interval of proportion ``p`` at (possibly fractional, effective) sample size ``n``."""
+def wilson_score(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson interval of a proportion ``p`` at a (possibly fractional, effective) sample size ``n > 0``."""
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
@@ -129,7 +129,7 @@ def cluster_interval(correct: Sequence[int], clusters: Sequence[int], z: float =
         n_eff = n / max(deff, 1.0)
     else:
         n_eff = float(len(resid))
-    return _wilson(p, n_eff, z)
+    return wilson_score(p, n_eff, z)
 
 
 def mean_interval(accs: Sequence[float], ns: Sequence[int], z: float = Z95) -> tuple[float, float]:
