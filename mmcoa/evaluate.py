@@ -9,6 +9,8 @@ so a rerun reproduces every number. The worst case of a family is a cascade: att
 (AutoAttack's protocol): for a deterministic attack the worst case is then identical per sample to
 running every attack on every sample; an attack with random starts draws them for the samples it is
 given, so its draws (not their distribution) differ. With torchrun, samples are sharded across ranks and the outcomes gathered.
+Each run's cost (passes of each tower counted at the model, wall seconds, samples: ``mmcoa.ledger``) is
+recorded per suite entry and for the clean pass; counting changes no outcome.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mmcoa.attacks.cascade import run_cascade
 from mmcoa.attacks.multimodal import ZeroShotTask, run_zeroshot_attack
 from mmcoa.attacks.transfer import Transfer, load_source
 from mmcoa.data import stratified_indices
+from mmcoa.ledger import CostMeter, measured
 from mmcoa.models import ClipModel, ModelLoadError
 from mmcoa.zeroshot import ZeroShotClassifier, class_embeddings
 
@@ -106,6 +109,10 @@ class ClassificationResult:
     ``outcomes[name]``: bool [n] in the order of ``indices``: True where the sample is classified
     correctly clean and still under the attack (``clean``, every attack with a column, and
     ``worst_<family>``): robust implies clean-correct, as AutoAttack counts it.
+
+    ``cost[name]``: what each run cost this process (:class:`mmcoa.ledger.CostMeter`), for ``clean``
+    (the class prompts' encoding, once, and the clean pass over every sample) and every suite and
+    sweep entry (a cascade entry: on the samples it was given); empty when not counted.
     """
 
     metrics: dict[str, float]
@@ -115,6 +122,7 @@ class ClassificationResult:
     families: dict[str, list[str]]
     sweep: list[dict] = field(default_factory=list)
     examples: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -146,6 +154,7 @@ def evaluate_classification(
     sweep: tuple[str, dict, list[float]] | None = None,
     n_examples: int = 6,
     on_progress: Callable[[int, int], None] | None = None,
+    count_cost: bool = True,
 ) -> ClassificationResult:
     """Clean accuracy, one accuracy per suite entry with a column, and the worst case per family.
 
@@ -154,11 +163,32 @@ def evaluate_classification(
     a text attack edits the true class's prompt of every template (class names protected), and the
     true class is scored with the ensemble of those edited prompts, as clean accuracy scores it.
     ``sweep``: (attack name, its params, eps list in 1/255) re-run at each eps, as
-    ``sweep_eps<eps>`` entries, for the gradient-masking check.
+    ``sweep_eps<eps>`` entries, for the gradient-masking check. ``count_cost``: record each run's
+    cost (``ClassificationResult.cost``).
     """
+    meter = CostMeter(model.device, model) if count_cost else None
+    try:
+        with measured(meter, "clean", 0):
+            classifier = ZeroShotClassifier(model, class_embeddings(model, classnames, templates))
+            task = ZeroShotTask(classifier, protected=set(classnames), classnames=list(classnames),
+                                templates=list(templates))
+        result = _evaluate_split(task, batches, indices, suite, dataset_name, batch_size, seed, sweep, n_examples,
+                                 on_progress, meter)
+    finally:
+        if meter is not None:
+            meter.close()
+    if meter is not None:
+        result.cost = meter.record()
+    return result
+
+
+def _evaluate_split(task: ZeroShotTask, batches: Batches, indices: torch.Tensor, suite: list[SuiteEntry],
+                    dataset_name: str, batch_size: int, seed: int, sweep: tuple[str, dict, list[float]] | None,
+                    n_examples: int, on_progress: Callable[[int, int], None] | None,
+                    meter: CostMeter | None) -> ClassificationResult:
+    """This rank's share of ``indices``, batch by batch through :func:`_evaluate_batch`, outcomes gathered."""
+    model = task.classifier.model
     device = model.device
-    classifier = ZeroShotClassifier(model, class_embeddings(model, classnames, templates))
-    task = ZeroShotTask(classifier, protected=set(classnames), classnames=list(classnames), templates=list(templates))
     runs = _with_sweep(suite, sweep)
 
     mine = indices[dist.rank() :: dist.world_size()].tolist()
@@ -168,7 +198,7 @@ def evaluate_classification(
     examples: dict[str, Any] = {}
     for b, (images, labels, idx) in enumerate(batches(chunks)):
         images, labels = images.to(device), labels.to(device)
-        outcome, results = _evaluate_batch(task, images, labels, runs, seed, b)
+        outcome, results = _evaluate_batch(task, images, labels, runs, seed, b, meter)
         parts.append(outcome)
         order.append(idx.cpu())
         if b == 0 and n_examples and dist.is_main():
@@ -225,17 +255,20 @@ def _with_sweep(suite: list[SuiteEntry], sweep: tuple[str, dict, list[float]] | 
 
 
 def _evaluate_batch(
-    task: ZeroShotTask, images: torch.Tensor, labels: torch.Tensor, runs: list[SuiteEntry], seed: int, batch: int
+    task: ZeroShotTask, images: torch.Tensor, labels: torch.Tensor, runs: list[SuiteEntry], seed: int, batch: int,
+    meter: CostMeter | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Per-sample outcomes of one batch: clean, each attack with a column, the worst case per family."""
-    with torch.no_grad():
+    """Per-sample outcomes of one batch: clean, each attack with a column, the worst case per family;
+    each run's cost into ``meter`` when given."""
+    with torch.no_grad(), measured(meter, "clean", len(images)):
         clean_ok = task.classifier(images).argmax(1) == labels
     outcome: dict[str, torch.Tensor] = {"clean": clean_ok}
     results: dict[str, Any] = {"clean": None}
 
     def run_one(entry: SuiteEntry, rows: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(_seed_for(seed, entry.name))  # image attacks key their draws by sample, not batch
-        result = run_zeroshot_attack(entry.attack, task, images[rows], labels[rows])
+        with measured(meter, entry.name, len(rows)):
+            result = run_zeroshot_attack(entry.attack, task, images[rows], labels[rows])
         if len(rows) == len(images):
             results[entry.name] = result
         # Robust means correct clean and correct under attack (AutoAttack's count): an attack that

@@ -1,13 +1,20 @@
-"""The compute ledger of a training run: what it cost, counted at the model rather than estimated.
+"""What training and evaluation cost, counted at the model rather than estimated.
 
 Forward and backward passes of each tower are counted by hooks registered on the towers from outside
-(a forward hook on the image tower and on the text transformer; a gradient hook on each output that
-requires a gradient fires once per backward pass through it), with the rows each pass carried, so an
-attack's input-gradient steps and the weight update's pass are counted alike. Per step, the ledger
-logs the passes, the step's wall seconds and each train-time attack's seconds into the history (a
-resumed run's totals are the sums over its restored history); :meth:`ComputeLedger.summary` adds
-device and peak memory (resident set on CPU, the allocator's peak on CUDA). Counts are this process's
-(one rank under data parallelism).
+(:class:`PassCounter`: a forward hook on the image tower and on the text transformer; a gradient hook
+on each output that requires a gradient fires once per backward pass through it), with the rows each
+pass carried, so an attack's input-gradient steps and the weight update's pass are counted alike.
+The hooks return nothing, so counting changes no output and no gradient. One :class:`Window` (the
+passes and wall seconds between two points of a run) serves both users:
+
+* training, :class:`ComputeLedger`: per step, the passes, the step's wall seconds and each train-time
+  attack's seconds go into the history (a resumed run's totals are the sums over its restored
+  history); :meth:`ComputeLedger.summary` adds device and peak memory (resident set on CPU, the
+  allocator's peak on CUDA);
+* evaluation, :class:`CostMeter`: the passes, wall seconds and samples of each named piece of work
+  (an attack of the suite, the clean pass), summed over the batches it ran on.
+
+Counts are this process's (one rank under data parallelism).
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator
 
 import torch
 
@@ -73,6 +81,32 @@ class PassCounter:
         self._handles.clear()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall seconds measure it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Window:
+    """The passes and wall seconds between :meth:`open` and :meth:`close` of a counter's run."""
+
+    def __init__(self, counter: PassCounter, device: torch.device):
+        self.counter, self.device = counter, device
+        self._t0 = 0.0
+        self._before: dict[str, int] = {}
+
+    def open(self) -> None:
+        synchronize(self.device)
+        self._before = dict(self.counter.counts)
+        self._t0 = time.perf_counter()
+
+    def close(self) -> tuple[dict[str, int], float]:
+        """(passes and rows per key of PASS_KEYS, wall seconds) since :meth:`open`."""
+        synchronize(self.device)
+        seconds = time.perf_counter() - self._t0
+        return {k: v - self._before[k] for k, v in self.counter.counts.items()}, seconds
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """The run's peak memory: the CUDA allocator's peak on a GPU, else the process's peak resident set."""
     if device.type == "cuda":
@@ -91,26 +125,17 @@ class ComputeLedger:
     def __init__(self, device: torch.device, *models: ClipModel | None):
         self.device = device
         self.counter = PassCounter(*models)
-        self._t0 = 0.0
-        self._before: dict[str, int] = {}
+        self._window = Window(self.counter, device)
 
     def resume(self, history: list[dict]) -> None:
         """Nothing to restore: totals are sums over the history, which the checkpoint keeps."""
 
     def begin(self, step: int) -> None:
-        self._sync()
-        self._before = dict(self.counter.counts)
-        self._t0 = time.perf_counter()
+        self._window.open()
 
     def end(self, step: int, logs: dict[str, float]) -> None:
-        self._sync()
-        logs["step_s"] = time.perf_counter() - self._t0
-        for key, value in self.counter.counts.items():
-            logs[key] = float(value - self._before[key])
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        passes, logs["step_s"] = self._window.close()
+        logs.update({key: float(value) for key, value in passes.items()})
 
     def close(self) -> None:
         self.counter.close()
@@ -130,6 +155,45 @@ class ComputeLedger:
             "device": str(self.device),
             "peak_memory_mb": peak_memory_mb(self.device),
         }
+
+
+class CostMeter:
+    """The cost of each named piece of work of an evaluation: passes and rows per tower counted at
+    ``models``, wall seconds and samples, summed over every :meth:`measure` of that name.
+
+    ``record()`` -> ``{name: {fwd_image, fwd_image_rows, bwd_image, ..., samples, wall_s}}`` in the
+    order the names were first measured. Measures must not nest (a pass would count twice).
+    """
+
+    def __init__(self, device: torch.device, *models: ClipModel | None):
+        self.counter = PassCounter(*models)
+        self._window = Window(self.counter, device)
+        self._costs: dict[str, dict[str, float]] = {}
+
+    @contextmanager
+    def measure(self, name: str, samples: int) -> Iterator[None]:
+        """Count the block's passes and seconds under ``name``, with ``samples`` more samples."""
+        self._window.open()
+        try:
+            yield
+        finally:
+            passes, seconds = self._window.close()
+            cost = self._costs.setdefault(name, {**dict.fromkeys(PASS_KEYS, 0), "samples": 0, "wall_s": 0.0})
+            for key, value in passes.items():
+                cost[key] += value
+            cost["samples"] += int(samples)
+            cost["wall_s"] += seconds
+
+    def record(self) -> dict[str, dict[str, float]]:
+        return {name: {**cost, "wall_s": round(cost["wall_s"], 6)} for name, cost in self._costs.items()}
+
+    def close(self) -> None:
+        self.counter.close()
+
+
+def measured(meter: CostMeter | None, name: str, samples: int) -> ContextManager[None]:
+    """``meter.measure(name, samples)``, or nothing at all without a meter."""
+    return nullcontext() if meter is None else meter.measure(name, samples)
 
 
 def flat_metrics(prefix: str, summary: dict[str, Any]) -> dict[str, float]:

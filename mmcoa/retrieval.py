@@ -41,6 +41,9 @@ the same queries (:meth:`RetrievalResult.paired`) and caption queries can be clu
 The gallery is a seeded subset of ``n_images`` images (all of them when ``n_images`` >= the dataset's
 size) with all their captions, the same for clean and every attack; every attack is seeded from
 (seed, attack name). Images stream from the dataset batch by batch; only embeddings are kept.
+
+Cost. Each attack's three runs, and the clean pass, are counted at the model (``mmcoa.ledger``:
+passes of each tower, wall seconds, samples = gallery images); counting changes no outcome.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from mmcoa.attacks.objectives import (
 from mmcoa.data.registry import DataError
 from mmcoa.data.retrieval import RetrievalDataset
 from mmcoa.data.transforms import check_resize, resize_floats
+from mmcoa.ledger import CostMeter, measured
 from mmcoa.models import ClipModel
 
 KS = (1, 5, 10)
@@ -276,7 +280,8 @@ class RetrievalResult:
     (``i2t_r*`` one per gallery image, ``t2i_r*`` one per caption), each ``R@k`` of an attack from
     its run aimed at R@k; ``captions[attack]`` the adversarial captions of text-side attacks and
     ``examples[attack]`` the first gallery images (clean and adversarial) and their first captions,
-    both of the run aimed at R@1.
+    both of the run aimed at R@1. ``cost[attack]``: what its runs (all three) cost this process,
+    ``cost["clean"]`` the clean embeddings' (:class:`mmcoa.ledger.CostMeter`); empty when not counted.
 
     Which queries: ``image_indices`` [n_images] the dataset index of each image query (the index in
     the dataset its reader opened, see ``RetrievalDataset.source_indices``), ``caption_indices``
@@ -294,6 +299,7 @@ class RetrievalResult:
     caption_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     captions: dict[str, list[str]] = field(default_factory=dict)
     examples: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def paired(self, other: RetrievalResult, attack: str, other_attack: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-query outcomes ``key`` (e.g. ``t2i_r1``) of ``attack`` here and ``other_attack`` in
@@ -333,6 +339,7 @@ def evaluate_retrieval(
     resize_mode: str = "shortest",
     n_examples: int = 4,
     on_progress: Callable[[str, int, int], None] | None = None,
+    count_cost: bool = True,
 ) -> RetrievalResult:
     """R@1/5/10 in both directions, clean and under each ``(name, attack)`` of ``suite``.
 
@@ -340,15 +347,34 @@ def evaluate_retrieval(
     the lowest over those runs, so at most the run aimed at R@k (see the module doc). ``size``, ``interpolation``,
     ``resize_mode``: load-time resizing (see :class:`RetrievalTask`). ``n_examples`` first gallery
     images (and each one's first caption) are kept per attack in ``examples``.
-    ``on_progress(name, done, total)`` after each attack (all its runs).
+    ``on_progress(name, done, total)`` after each attack (all its runs). ``count_cost``: record the
+    cost of each attack's runs and of the clean pass (``RetrievalResult.cost``).
     """
+    meter = CostMeter(model.device, model) if count_cost else None
+    try:
+        result = _evaluate_gallery(model, dataset, suite, n_images, batch_size, seed, size, interpolation, resize_mode,
+                                   n_examples, on_progress, meter)
+    finally:
+        if meter is not None:
+            meter.close()
+    if meter is not None:
+        result.cost = meter.record()
+    return result
+
+
+def _evaluate_gallery(model: ClipModel, dataset: RetrievalDataset, suite: list[tuple[str, Attack]], n_images: int,
+                      batch_size: int, seed: int, size: int | None, interpolation: str, resize_mode: str,
+                      n_examples: int, on_progress: Callable[[str, int, int], None] | None,
+                      meter: CostMeter | None) -> RetrievalResult:
+    """:func:`evaluate_retrieval` with each run's cost into ``meter`` when given."""
     chosen = gallery_indices(len(dataset), n_images, seed)
     gallery = dataset.subset(chosen)
     task = RetrievalTask(model, gallery, batch_size, size, interpolation, resize_mode)
     first_caption = [int(j) for j in _first_captions(gallery.caption_image, min(n_examples, len(gallery)))]
 
     torch.manual_seed(attack_seed(seed, "clean"))
-    clean = AttackOutcome(task.image_emb(), task.text_emb(gallery.captions))
+    with measured(meter, "clean", len(gallery)):
+        clean = AttackOutcome(task.image_emb(), task.text_emb(gallery.captions))
     outcomes = {"clean": retrieval_outcomes(clean.image_emb, clean.text_emb, gallery.caption_image)}
     captions, examples = {}, {}
     if n_examples:
@@ -359,7 +385,8 @@ def evaluate_retrieval(
             torch.manual_seed(attack_seed(seed, name))
             shown: dict[str, list[torch.Tensor]] = {}
             task.on_batch = _example_keeper(shown, n_examples) if n_examples and k == KS[0] else None
-            result = run_retrieval_attack(attack, task, clean, k)
+            with measured(meter, name, len(gallery) if k == KS[0] else 0):
+                result = run_retrieval_attack(attack, task, clean, k)
             runs[k] = retrieval_outcomes(result.image_emb, result.text_emb, gallery.caption_image)
             if k == KS[0]:
                 if result.captions is not None:

@@ -1,7 +1,7 @@
 """`mmcoa evaluate` / `mmcoa baseline`: models on datasets, clean and under the params' attacks.
 
 With ``--name`` (as the pipeline calls it): one model on one dataset, writing OUT/result.json (metrics,
-threat models, families, examples' text), OUT/outcomes.json (per-sample outcomes of every attack, for
+threat models, families, examples' text, each attack's cost, the model's training ledger), OUT/outcomes.json (per-sample outcomes of every attack, for
 worst cases, intervals and paired tests) and OUT/examples.safetensors. Without: any model references
 (repeatable ``--model``) on any datasets (repeatable ``--data``), one table of the suite (or of the
 ``--attack`` entries given) with 95% intervals, written as OUT/suite.json and OUT/suite.md.
@@ -104,12 +104,16 @@ def _batches(dataset, model: ClipModel, p: Params) -> Callable:
     return lambda chunks: make_loader(dataset, chunks, **kwargs)
 
 
-def _trained_on(model_dir: Path | None) -> dict | None:
-    """The fine-tuning threat models of a model trained by the pipeline (None for others)."""
+def _finetune_record(model_dir: Path | None) -> dict | None:
+    """The finetune.json of a model fine-tuned by the pipeline (None for others: the base, external models)."""
     info = model_dir / "finetune.json" if model_dir is not None else None
-    if info is None or not info.is_file():
+    return json.loads(info.read_text()) if info is not None and info.is_file() else None
+
+
+def _trained_on(f: dict | None) -> dict | None:
+    """The fine-tuning threat models of a model trained by the pipeline (None for others)."""
+    if f is None:
         return None
-    f = json.loads(info.read_text())
     against = f.get("trained_against", [])
     return {"method": f.get("method"), "dataset": f.get("dataset"),
             "image": f.get("image_attack") if "image" in against else None,
@@ -146,9 +150,12 @@ def run_evaluation(name: str, model_ref: str | None, data: Path, out: Path, p: P
     if not dist.is_main():
         return
     model_dir = Path(model_ref) if model_ref and Path(model_ref).is_dir() else Path("models") / name
+    record = _finetune_record(model_dir if model_dir.is_dir() else None)
     payload.update({
         "role": "finetune" if p.data.dataset in (payload["dataset"], meta.get("source")) else "held_out",
-        "trained_on": _trained_on(model_dir if model_dir.is_dir() else None),
+        "trained_on": _trained_on(record),
+        # What training cost (mmcoa.ledger), so the report needs no input beyond the evaluations.
+        "training_ledger": (record or {}).get("ledger"),
         "runtime": runtime_record(device),
     })
     with atomic_dir(out) as tmp:
@@ -189,6 +196,7 @@ def _classification(name: str, model: ClipModel, dataset, indices: list[int], p:
         "worst": {f: f"worst_{f}" for f in result.families}, "sweep": result.sweep,
         "gradient_masking_flags": flags, "classnames": list(dataset.classnames), "template": templates[0],
         "examples": {k: {kk: vv for kk, vv in v.items() if kk != "images"} for k, v in result.examples.items()},
+        "cost": result.cost,
     }
     outcomes = {"indices": result.indices, "correct": {k: v.int().tolist() for k, v in result.outcomes.items()}}
     images = {k: v["images"].contiguous() for k, v in result.examples.items() if "images" in v}
@@ -211,7 +219,7 @@ def _retrieval(name: str, model: ClipModel, dataset, indices: list[int], p: Para
                "caption_indices": result.caption_indices.tolist()}
     payload = {
         "n": result.n_images, "n_captions": result.n_captions, "metrics": result.metrics,
-        "threat_models": result.threat_models, **queries,
+        "threat_models": result.threat_models, **queries, "cost": result.cost,
     }
     outcomes = {**queries,
                 "correct": {f"{a}.{k}": v.int().tolist() for a, per in result.outcomes.items() for k, v in per.items()}}

@@ -1,5 +1,6 @@
-"""`mmcoa report`: reports/report.md, summary.md, metrics.json, headline.json, sweep.json and figures
-from every evals/<model>/<dataset>/ folder (result.json, outcomes.json, examples.safetensors)."""
+"""`mmcoa report`: reports/report.md, summary.md, metrics.json, headline.json, sweep.json, figures and
+timing.md (the measured seconds, which no rerun reproduces) from every evals/<model>/<dataset>/ folder
+(result.json, outcomes.json, examples.safetensors)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from mmcoa.report import (
     render_markdown,
     render_summary,
     save_accuracy_figure,
+    save_compute_figure,
     save_examples_figure,
     save_overview_figure,
     save_sweep_figure,
     splice_summary,
     sweep_rows,
+    timing_markdown,
 )
 from stages.common import StageError, atomic_dir, log, write_json
 
@@ -112,6 +115,8 @@ def report(
         if sweeps:
             save_sweep_figure(col, tmp / "sweep.png")
             figures["sweep"] = "figures/sweep.png"
+        if save_compute_figure(col, tmp / "robustness_vs_compute.png"):
+            figures["compute"] = "figures/robustness_vs_compute.png"
         for folder, e in loaded:
             if (folder / "examples.safetensors").is_file() and col.is_finetune(e.dataset):
                 images = load_file(str(folder / "examples.safetensors"))
@@ -121,7 +126,9 @@ def report(
                 name = f"examples_{e.model}_{e.dataset}.png"
                 if save_examples_figure(examples, e.result.get("classnames", []), tmp / name, title=f"{e.model} on {e.dataset}"):
                     figures[f"examples:{e.model}"] = f"figures/{name}"
-    for name, text in (("report.md", render_markdown(col, figures, NOTES, comparisons)), ("summary.md", summary)):
+    pages = (("report.md", render_markdown(col, figures, NOTES, comparisons, timing="timing.md")),
+             ("summary.md", summary), ("timing.md", timing_markdown(col)))
+    for name, text in pages:
         tmp_md = out / f".{name}.tmp"
         tmp_md.write_text(text if text.endswith("\n") else text + "\n")
         os.replace(tmp_md, out / name)

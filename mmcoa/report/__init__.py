@@ -10,8 +10,9 @@ Nothing here reads pipeline files or knows about the terminal.
 
 Modules: ``collection`` (the evaluations, checked), ``format`` (how numbers are written), ``metrics``
 (DVC's metrics files), ``findings`` (paired tests, threat models trained on, gradient-masking flags),
-``markdown`` (report and README summary), ``seeds`` (spread across seeds), ``figures`` (matplotlib,
-imported only when a figure is drawn).
+``markdown`` (report and README summary), ``compute`` (robustness against training compute, the
+evaluation's cost per attack, the measured seconds apart), ``seeds`` (spread across seeds), ``figures``
+(matplotlib, imported only when a figure is drawn).
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ from mmcoa.report.collection import (  # noqa: F401
     worst_name,
 )
 from mmcoa.report.format import budget, cell, p_text, pct  # noqa: F401
+from mmcoa.report.compute import (  # noqa: F401
+    ComputeRow,
+    compute_markdown,
+    compute_rows,
+    evaluation_costs,
+    robustness_attack,
+    timing_markdown,
+    training_ledger,
+)
 from mmcoa.report.metrics import flat_metrics, headline_metrics, sweep_rows  # noqa: F401
 from mmcoa.report.findings import (  # noqa: F401
     Comparison,
@@ -63,7 +73,8 @@ from mmcoa.report.markdown import (  # noqa: F401
 )
 from mmcoa.report.seeds import Run, seed_runs, seeds_markdown  # noqa: F401
 
-_FIGURES = ('overview_columns', 'save_accuracy_figure', 'save_examples_figure', 'save_overview_figure', 'save_sweep_figure')
+_FIGURES = ('overview_columns', 'save_accuracy_figure', 'save_compute_figure', 'save_examples_figure',
+            'save_overview_figure', 'save_sweep_figure')
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""The report's figures (matplotlib, Agg backend): overview, per-dataset accuracy, eps sweep, examples."""
+"""The report's figures (matplotlib, Agg backend): overview, per-dataset accuracy, eps sweep, examples,
+robustness against training compute."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from mmcoa.stats import accuracy_interval
 from mmcoa.report.collection import Collection, HEADLINE, label, worst_name
+from mmcoa.report.compute import compute_rows, robustness_attack
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -145,5 +147,40 @@ def save_examples_figure(examples: dict[str, Any], classnames: list[str], path: 
         axes[r][0].text(-0.15, 0.5, name, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
     fig.suptitle(f"{title}: predicted class per attack (green = correct, red = wrong, true class in brackets)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
+    _save(fig, path)
+    return True
+
+
+def save_compute_figure(col: Collection, path: str | Path) -> bool:
+    """Worst-case image accuracy (fine-tuning set, held-out average; 95% intervals) against training passes,
+    one labelled point per model (a model without a training ledger at 0). False (nothing written)
+    when the evaluations hold no image attack."""
+    attack = robustness_attack(col)
+    rows = [r for r in compute_rows(col) if r.finetune or r.held_out]
+    if attack is None or not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series = (("finetune", f"{col.finetune[0]} (fine-tuning set)" if col.finetune else "fine-tuning set", "o"),
+              ("held_out", "held-out average", "s"))
+    for key, name, marker in series:
+        points = [(r, getattr(r, key)) for r in rows if getattr(r, key) is not None]
+        if not points:
+            continue
+        xs = [r.training_passes for r, _ in points]
+        ys = [100 * est[0] for _, est in points]
+        err = [[100 * max(est[0] - est[1][0], 0.0) for _, est in points],
+               [100 * max(est[1][1] - est[0], 0.0) for _, est in points]]
+        ax.errorbar(xs, ys, yerr=err, fmt=marker, capsize=3, label=name)
+        for (r, _), x, y in zip(points, xs, ys):
+            ax.annotate(label(r.model), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=-0.5)
+    ax.set_xlabel("training passes (forward + backward, both towers; base at 0)")
+    ax.set_ylabel(f"{attack.replace('worst_', 'worst-case ')} accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Robust accuracy against training compute", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     _save(fig, path)
     return True

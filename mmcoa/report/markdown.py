@@ -7,6 +7,7 @@ import re
 from mmcoa.stats import Z95, cluster_interval, wilson_score
 
 from mmcoa.report.collection import Collection, HEADLINE, RETRIEVAL_COLUMNS, ReportError, label, worst_name
+from mmcoa.report.compute import compute_markdown
 from mmcoa.report.format import budget, cell, pct, runtime_text
 from mmcoa.report.findings import (
     Comparison,
@@ -126,8 +127,9 @@ def text_rule_markdown(col: Collection) -> list[str]:
 
 
 def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] | None = None,
-                    comparisons: list[Comparison] | None = None) -> str:
-    """The report: overview, per-attack tables, worst case, retrieval, training threat models, checks, findings."""
+                    comparisons: list[Comparison] | None = None, timing: str | None = None) -> str:
+    """The report: overview, per-attack tables, worst case, retrieval, training threat models and compute,
+    checks, findings. ``timing``: the measured seconds' file as the report links it."""
     out = ["# Robustness report", ""]
     ft, held = col.finetune, col.held_out
     out += [f"Models: {', '.join(label(m) for m in col.models)}. Fine-tuning set: {', '.join(ft) or 'none'}; "
@@ -156,6 +158,7 @@ def render_markdown(col: Collection, figures: dict[str, str], notes: list[str] |
     out += retrieval_markdown(col)
     out += text_rule_markdown(col)
     out += training_markdown(col)
+    out += compute_markdown(col, figures.get("compute"), timing)
     out += ["## Gradient-masking checks", ""]
     out += masking_markdown(col)
     if any(e.result.get("sweep") for e in col.evals) and "sweep" in figures:
