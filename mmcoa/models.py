@@ -513,6 +513,25 @@ class ClipModel(nn.Module):
         feats = self.clip.encode_image((self.resize(images) - self.mean) / self.std)
         return F.normalize(feats, dim=-1) if normalize else feats
 
+    def encode_image_tokens(self, images: torch.Tensor, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_image` of ``images`` and, from the same pass, the ViT's output tokens [B, 1 + N, D]
+        (class token, then N patches), each through ``ln_post`` and ``proj`` as the class token is.
+
+        The tokens are read by a forward hook on the transformer, so the embedding is the one
+        :meth:`encode_image` returns (the model is not changed). Needs an open_clip VisionTransformer.
+        """
+        visual = self.clip.visual
+        if not all(hasattr(visual, name) for name in ("transformer", "ln_post", "proj")):
+            raise ValueError(f"the image tower is a {type(visual).__name__}; patch tokens need a VisionTransformer")
+        seen: list[torch.Tensor] = []
+        handle = visual.transformer.register_forward_hook(lambda module, args, out: seen.append(out))
+        try:
+            feats = self.encode_image(images, normalize)
+        finally:
+            handle.remove()
+        tokens = visual.ln_post(seen[-1])
+        return feats, tokens @ visual.proj if visual.proj is not None else tokens
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """[N, L] token ids -> [N, D]."""
         feats = self.clip.encode_text(tokens)
