@@ -94,6 +94,10 @@ def report(
     comparisons = compare(col)
     figure = "figures/overview.png" if overview_columns(col) else None
     metrics, headline, sweeps = flat_metrics(col), headline_metrics(col), sweep_rows(col)
+    try:
+        timing = timing_markdown(col)  # reads every ledger and cost record the evaluations carry
+    except ReportError as err:
+        raise StageError(str(err)) from None
     summary = render_summary(col, figure, "report.md", comparisons)
     readme_text = None
     if readme is not None:
@@ -127,7 +131,7 @@ def report(
                 if save_examples_figure(examples, e.result.get("classnames", []), tmp / name, title=f"{e.model} on {e.dataset}"):
                     figures[f"examples:{e.model}"] = f"figures/{name}"
     pages = (("report.md", render_markdown(col, figures, NOTES, comparisons, timing="timing.md")),
-             ("summary.md", summary), ("timing.md", timing_markdown(col)))
+             ("summary.md", summary), ("timing.md", timing))
     for name, text in pages:
         tmp_md = out / f".{name}.tmp"
         tmp_md.write_text(text if text.endswith("\n") else text + "\n")
@@ -140,4 +144,4 @@ def report(
         tmp_readme.write_text(readme_text)
         os.replace(tmp_readme, readme)
     log(f"report: {len(col.evals)} evaluations of {len(col.models)} models -> {out / 'report.md'}, "
-        f"{out / 'metrics.json'}, {out / 'headline.json'}")
+        f"{out / 'metrics.json'}, {out / 'headline.json'}, {out / 'timing.md'}")

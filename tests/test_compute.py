@@ -209,3 +209,18 @@ def test_report_table_and_figure_of_robustness_against_compute(evaluated):
     assert Image.open(figure).size[0] > 300
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     assert not any("wall" in k or "seconds" in k for k in metrics)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"cost": {"image": 3}}, "'cost' must map each attack to an object"),
+    ({"training_ledger": [1, 2]}, "'training_ledger' must be an object or null"),
+])
+def test_a_garbled_cost_record_is_a_one_line_error(tmp_path, extra, message):
+    from stages.common import StageError
+    from test_report import run_report, vec, write_eval
+
+    write_eval(tmp_path / "evals", "tecoa", "fm", {"clean": vec(20, 10)}, role="finetune", **extra)
+    res = run_report(tmp_path / "evals", tmp_path / "out")
+    assert isinstance(res.exception, StageError) and res.exception.code == 2
+    assert message in str(res.exception) and "\n" not in str(res.exception)
+    assert not (tmp_path / "out").exists()

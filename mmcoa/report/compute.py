@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mmcoa.stats import accuracy_interval
 
-from mmcoa.report.collection import Collection, label, worst_name
+from mmcoa.report.collection import Collection, ReportError, label, worst_name
 from mmcoa.report.format import pct, runtime_text
 
 TOWERS = ("image", "text")
@@ -55,10 +55,19 @@ def robustness_attack(col: Collection) -> str | None:
     return "image" if "image" in col.attacks() else None
 
 
+def _bad(e, what: str) -> ReportError:
+    return ReportError(f"result of {e.model} on {e.dataset}: {what}; rerun `mmcoa evaluate` for that model and dataset")
+
+
 def training_ledger(col: Collection, model: str) -> dict | None:
     """The training ledger a model's evaluations carry (the first that records one)."""
-    return next((e.result["training_ledger"] for e in col.evals
-                 if e.model == model and isinstance(e.result.get("training_ledger"), dict)), None)
+    for e in col.evals:
+        ledger = e.result.get("training_ledger") if e.model == model else None
+        if ledger is not None and not isinstance(ledger, dict):
+            raise _bad(e, "'training_ledger' must be an object or null")
+        if ledger is not None:
+            return ledger
+    return None
 
 
 def compute_rows(col: Collection) -> list[ComputeRow]:
@@ -91,7 +100,10 @@ def evaluation_costs(col: Collection) -> dict[tuple[str, str], dict[str, float]]
     """(task, attack) -> its cost summed over every evaluation that recorded one (passes, rows, samples, seconds)."""
     out: dict[tuple[str, str], dict[str, float]] = {}
     for e in col.evals:
-        for attack, cost in (e.result.get("cost") or {}).items():
+        costs = e.result.get("cost") or {}
+        if not isinstance(costs, dict) or not all(isinstance(c, dict) for c in costs.values()):
+            raise _bad(e, "'cost' must map each attack to an object of its passes, samples and seconds")
+        for attack, cost in costs.items():
             total = out.setdefault((e.task, attack), {})
             for key, value in cost.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -124,7 +136,7 @@ def compute_markdown(col: Collection, figure: str | None = None, timing: str | N
         seen = _count(r.ledger.get("images_seen", 0)) if r.ledger else NOT_RECORDED
         out.append(f"| {label(r.model)} | {steps} | {seen} | {_passes_cell(r, 'image')} | {_passes_cell(r, 'text')} | "
                    f"{_estimate(r.finetune)} | {_estimate(r.held_out)} |")
-    where = f" in [{timing}]({timing})" if timing else " in each model's finetune.json"
+    where = f" in [{timing}]({timing})" if timing else " in each model's finetune.json and each evaluation's result.json"
     out += ["", "Training passes through each tower are counted at the model during fine-tuning (an attack's "
             "input-gradient steps and the weight update alike, batches of the training batch size); accuracy (%) "
             "with 95% intervals. A model without a training ledger (the base, whose fine-tuning cost is none, or a "
@@ -146,7 +158,7 @@ def compute_markdown(col: Collection, figure: str | None = None, timing: str | N
         out += ["", "Summed over every model and dataset. Passes count tower calls (a batch each), rows per sample "
                 "the samples those calls carried, forward and backward, per sample evaluated (a retrieval sample is "
                 "a gallery image; its three runs, aimed at R@1, R@5 and R@10, are one attack). clean includes "
-                "encoding the class prompts or captions once. A transfer attack's passes are its source model's.", ""]
+                "encoding the class prompts or captions once. A transfer attack's passes include its source model's.", ""]
     return out
 
 

@@ -162,6 +162,7 @@ def save_compute_figure(col: Collection, path: str | Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     series = (("finetune", f"{col.finetune[0]} (fine-tuning set)" if col.finetune else "fine-tuning set", "o"),
               ("held_out", "held-out average", "s"))
+    named: set[str] = set()
     for key, name, marker in series:
         points = [(r, getattr(r, key)) for r in rows if getattr(r, key) is not None]
         if not points:
@@ -172,7 +173,9 @@ def save_compute_figure(col: Collection, path: str | Path) -> bool:
                [100 * max(est[1][1] - est[0], 0.0) for _, est in points]]
         ax.errorbar(xs, ys, yerr=err, fmt=marker, capsize=3, label=name)
         for (r, _), x, y in zip(points, xs, ys):
-            ax.annotate(label(r.model), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            if r.model not in named:  # one label per model, at its first point
+                named.add(r.model)
+                ax.annotate(label(r.model), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(left=-0.5)
     ax.set_xlabel("training passes (forward + backward, both towers; base at 0)")
