@@ -199,3 +199,43 @@ def measured(meter: CostMeter | None, name: str, samples: int) -> ContextManager
 def flat_metrics(prefix: str, summary: dict[str, Any]) -> dict[str, float]:
     """The numeric entries of a summary as ``prefix.key`` (a metrics file DVC can show and compare)."""
     return {f"{prefix}.{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+MEASURED_KEYS = ("wall_s", "step_s", "peak_memory_mb", "device")
+
+
+def is_measured(key: str) -> bool:
+    """Whether a ledger key is measured (seconds, shares of time, memory, the device), not counted:
+    measured values change from run to run and machine to machine, counted ones do not."""
+    return key in MEASURED_KEYS or key.endswith("_share") or (key.startswith("attack_") and key.endswith("_s"))
+
+
+def split_measured(record: Any) -> tuple[Any, Any]:
+    """``record`` (a ledger, a cost record, a history: dicts and lists of them) as (counted, measured):
+    the same shape twice, each keeping only its kind of keys; ``merge_measured`` puts them together."""
+    if isinstance(record, dict):
+        counted, measured = {}, {}
+        for key, value in record.items():
+            if isinstance(value, (dict, list)):
+                counted[key], measured[key] = split_measured(value)
+            elif is_measured(key):
+                measured[key] = value
+            else:
+                counted[key] = value
+        return counted, measured
+    if isinstance(record, list):
+        pairs = [split_measured(v) for v in record]
+        return [c for c, _ in pairs], [m for _, m in pairs]
+    return record, None
+
+
+def merge_measured(counted: Any, measured: Any) -> Any:
+    """The inverse of :func:`split_measured` (measured entries absent from ``counted`` are added)."""
+    if isinstance(counted, dict) and isinstance(measured, dict):
+        out = dict(counted)
+        for key, value in measured.items():
+            out[key] = merge_measured(counted[key], value) if key in counted else value
+        return out
+    if isinstance(counted, list) and isinstance(measured, list) and len(counted) == len(measured):
+        return [merge_measured(c, m) for c, m in zip(counted, measured)]
+    return counted

@@ -180,6 +180,26 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+TIMING = Path("timing")
+
+
+def timing_file(out: Path) -> Path:
+    """Where the measured cost (seconds, memory) of the output ``out`` goes: ``timing/<out>.json`` for a
+    relative output (outside every DVC output and dependency, so the pipeline's recorded hashes stay
+    reproducible while the seconds differ run to run), else ``<out>.timing.json`` beside it."""
+    out = Path(out)
+    return TIMING / f"{out.as_posix()}.json" if not out.is_absolute() else out.with_name(f"{out.name}.timing.json")
+
+
+def read_timing(out: Path) -> dict:
+    """The measured cost recorded for ``out`` (empty when none was, or it cannot be read: it is informative only)."""
+    try:
+        data = json.loads(timing_file(out).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 # Off a terminal (a `dvc repro` log, a batch job) a loop prints a line at most every PROGRESS_SECONDS
 # and at every PROGRESS_FRACTION of its total, whichever comes first; both can be set in the environment.
 PROGRESS_SECONDS = float(os.environ.get("MMCOA_PROGRESS_SECONDS", 30))

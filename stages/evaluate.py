@@ -33,12 +33,13 @@ from mmcoa.evaluate import (
     linear_probe_accuracy,
     suite_from_specs,
 )
+from mmcoa.ledger import merge_measured, split_measured
 from mmcoa.models import ClipModel, ModelLoadError, create_model, list_architectures, parse_model_ref
 from mmcoa.stats import accuracy_interval
 from mmcoa.zeroshot import select_templates
 from stages.common import (
     PARAMS_OPTION, SET_OPTION, StageError, atomic_dir, eval_cache_root, load, loader_options, log, progress,
-    runtime_record, setup_runtime, table_console, write_json,
+    read_timing, runtime_record, setup_runtime, table_console, timing_file, write_json,
 )
 
 
@@ -158,11 +159,17 @@ def run_evaluation(name: str, model_ref: str | None, data: Path, out: Path, p: P
         "training_ledger": (record or {}).get("ledger"),
         "runtime": runtime_record(device),
     })
+    # Counted cost in the result; measured seconds beside it (timing_file), with the training run's.
+    payload["cost"], cost_seconds = split_measured(payload.get("cost") or {})
+    payload["training_ledger"], training_seconds = split_measured(payload["training_ledger"])
+    if record is not None:
+        training_seconds = merge_measured(training_seconds or {}, read_timing(model_dir).get("ledger") or {})
     with atomic_dir(out) as tmp:
         write_json(tmp / "result.json", payload)
         write_json(tmp / "outcomes.json", outcomes)
         if images:
             save_file(images, str(tmp / "examples.safetensors"))
+    write_json(timing_file(out), {"cost": cost_seconds, "training_ledger": training_seconds})
     summary = ", ".join(f"{k.split('.', 1)[1]} {v:.3f}" for k, v in payload["metrics"].items() if ".sweep_" not in k)
     log(f"evaluate: {name} on {meta['dataset']} ({payload['n']}): {summary}")
     for flag in payload.get("gradient_masking_flags", []):

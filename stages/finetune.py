@@ -13,10 +13,10 @@ from mmcoa.data import DataError
 from mmcoa.data.subset import open_subset, subset_batches
 from mmcoa.defenses import DefenseContext, create_defense, resolve
 from mmcoa.defenses.overfit import CatastrophicOverfitting, OverfitGuard
-from mmcoa.ledger import ComputeLedger, flat_metrics
+from mmcoa.ledger import ComputeLedger, flat_metrics, split_measured
 from mmcoa.models import frozen_copy, load_model, save_model
 from mmcoa.train import CheckpointMismatch, CheckpointUnreadable, TrainConfig, TrainingDiverged, params_hash, train
-from stages.common import PARAMS_OPTION, loader_options, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, write_json
+from stages.common import PARAMS_OPTION, loader_options, SET_OPTION, StageError, atomic_dir, load, log, progress, setup_runtime, timing_file, write_json
 
 
 def _file_hash(path: Path) -> str:
@@ -86,19 +86,24 @@ def finetune(
         ledger.close()
     if dist.is_main():
         cost = ledger.summary(history, cfg.batch_size)
+        # Counted cost goes with the model and into metrics; measured seconds and memory beside them, so
+        # the model folder and metrics reproduce byte for byte.
+        counted, measured = split_measured(cost)
+        steps, step_times = split_measured(history)
         record = {
             "method": method, "defense": resolved.recipe.defense, "label": resolved.label, "dataset": p.data.dataset,
             "trains": list(resolved.cls.trains), "options": resolved.options.model_dump(),
             **defense.record(history), "overfit_guard": guard.record() if guard else {"enabled": False},
-            "ledger": cost, "params": f.model_dump(mode="json", exclude={"methods", "variants", "overrides"}),
+            "ledger": counted, "params": f.model_dump(mode="json", exclude={"methods", "variants", "overrides"}),
         }
         with atomic_dir(out) as tmp:
             save_model(model, tmp)
-            write_json(tmp / "history.json", [{k: round(v, 6) for k, v in h.items()} for h in history])
+            write_json(tmp / "history.json", [{k: round(v, 6) for k, v in h.items()} for h in steps])
             write_json(tmp / "finetune.json", record)
         if metrics is not None:
             metrics.parent.mkdir(parents=True, exist_ok=True)
-            write_json(metrics, flat_metrics(f"finetune.{method}", cost))
+            write_json(metrics, flat_metrics(f"finetune.{method}", counted))
+        write_json(timing_file(out), {"ledger": measured, "history": step_times})
         if not keep_checkpoint:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         last = history[-1] if history else {}

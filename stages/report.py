@@ -1,6 +1,7 @@
-"""`mmcoa report`: reports/report.md, summary.md, metrics.json, headline.json, sweep.json, figures and
-timing.md (the measured seconds, which no rerun reproduces) from every evals/<model>/<dataset>/ folder
-(result.json, outcomes.json, examples.safetensors)."""
+"""`mmcoa report`: reports/report.md, summary.md, metrics.json, headline.json, sweep.json and figures from
+every evals/<model>/<dataset>/ folder (result.json, outcomes.json, examples.safetensors), and
+timing.md from the measured seconds kept under timing/ (no rerun reproduces them, so timing.md is
+neither a DVC output nor versioned)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from mmcoa.report import (
     sweep_rows,
     timing_markdown,
 )
-from stages.common import StageError, atomic_dir, log, write_json
+from mmcoa.ledger import merge_measured
+from stages.common import StageError, atomic_dir, log, read_timing, write_json
 
 NOTES = [
     "Robust accuracy is measured on the same samples as clean accuracy; every attack is seeded, so a rerun "
@@ -72,8 +74,14 @@ def load_folder(folder: Path):
     if not path.is_file():
         raise StageError(f"{path}: missing; run `mmcoa evaluate` for that model and dataset first")
     outcomes = folder / "outcomes.json"
+    result = _read_json(path)
+    if isinstance(result, dict):  # the measured seconds kept beside the result, for timing.md only
+        timing = read_timing(folder)
+        for key in ("cost", "training_ledger"):
+            if timing.get(key) and result.get(key) is not None:
+                result[key] = merge_measured(result[key], timing[key])
     try:
-        return load_evaluation(_read_json(path), _read_json(outcomes) if outcomes.is_file() else None, str(path))
+        return load_evaluation(result, _read_json(outcomes) if outcomes.is_file() else None, str(path))
     except ReportError as err:
         raise StageError(str(err)) from None
 

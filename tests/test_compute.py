@@ -18,7 +18,7 @@ from mmcoa.config import TrainAttackSpec
 from mmcoa.data.retrieval import open_retrieval
 from mmcoa.defenses import DefenseContext, create_defense
 from mmcoa.evaluate import evaluate_classification, sample_indices, suite_from_specs
-from mmcoa.ledger import PASS_KEYS, ComputeLedger, tower_modules
+from mmcoa.ledger import PASS_KEYS, ComputeLedger, is_measured, merge_measured, split_measured, tower_modules
 from mmcoa.models import create_model, save_model
 from mmcoa.retrieval import KS, evaluate_retrieval
 from mmcoa.train import TrainConfig, in_memory_batches, train
@@ -175,13 +175,19 @@ def test_result_json_carries_the_training_ledger_and_each_attacks_cost(evaluated
     root, record = evaluated
     tecoa = json.loads((root / "evals" / "tecoa" / "fashion_mnist" / "result.json").read_text())
     base = json.loads((root / "evals" / "base" / "fashion_mnist" / "result.json").read_text())
-    assert tecoa["training_ledger"] == record["ledger"] and tecoa["training_ledger"]["bwd_image"] == 2 * 3
+    counted = {k: v for k, v in record["ledger"].items() if not is_measured(k)}
+    assert tecoa["training_ledger"] == counted and tecoa["training_ledger"]["bwd_image"] == 2 * 3
     assert base["training_ledger"] is None  # pre-training is not fine-tuning: no ledger
-    for result in (tecoa, base):
+    for model, result in (("tecoa", tecoa), ("base", base)):
         assert list(result["cost"]) == ["clean", "image", "text"]
         for cost in result["cost"].values():
-            assert set(cost) == {*PASS_KEYS, "samples", "wall_s"} and cost["samples"] in (0, 20)
+            assert set(cost) == {*PASS_KEYS, "samples"} and cost["samples"] in (0, 20)
         assert result["cost"]["image"]["bwd_image"] == K and result["cost"]["text"]["bwd_text"] == 0
+        # Measured seconds beside the result folder, never inside a DVC output (the hashes stay reproducible).
+        timing = json.loads((root / "evals" / model / "fashion_mnist.timing.json").read_text())
+        assert set(timing["cost"]) == {"clean", "image", "text"} and timing["cost"]["image"]["wall_s"] > 0
+    timing = json.loads((root / "evals" / "tecoa" / "fashion_mnist.timing.json").read_text())
+    assert timing["training_ledger"]["wall_s"] == record["ledger"]["wall_s"]
 
 
 def test_report_table_and_figure_of_robustness_against_compute(evaluated):
@@ -224,3 +230,15 @@ def test_a_garbled_cost_record_is_a_one_line_error(tmp_path, extra, message):
     assert isinstance(res.exception, StageError) and res.exception.code == 2
     assert message in str(res.exception) and "\n" not in str(res.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_counted_cost_reproduces_and_measured_cost_is_kept_apart(fmnist, tmp_path):
+    """Two identical runs: the counted ledger (what outputs and metrics keep) is equal, the measured one
+    (seconds, memory) is what differs; split and merge are inverse."""
+    first, second = (_fine_tune(fmnist, tmp_path / name)["ledger"] for name in ("a", "b"))
+    (c1, m1), (c2, m2) = split_measured(first), split_measured(second)
+    assert c1 == c2 and set(m1) >= {"wall_s", "peak_memory_mb", "device"} and not any(is_measured(k) for k in c1)
+    assert m1["wall_s"] != m2["wall_s"] and merge_measured(c1, m1) == first
+    history = [{"step": 1, "loss": 0.5, "step_s": 0.2, "attack_image_s": 0.1}]
+    counted, measured = split_measured(history)
+    assert counted == [{"step": 1, "loss": 0.5}] and merge_measured(counted, measured) == history

@@ -122,6 +122,13 @@ def test_tiny_dvc_repro_produces_the_metric_contract(tmp_path):
     assert "changed" not in status and "modified" not in status, status
     again = run(["dvc", "repro"], repo).stdout
     assert "Running stage" not in again, again
+    # Rerun from scratch, a fine-tuning and an evaluation give the same bytes: every hash DVC recorded
+    # holds; the measured seconds, which differ, live under timing/, outside every output.
+    lock = (repo / "dvc.lock").read_text()
+    run(["dvc", "repro", "-f", "-s", "finetune@mmcoa", "evaluate@mmcoa-fashion_mnist"], repo)
+    assert (repo / "dvc.lock").read_text() == lock
+    assert json.loads((repo / "timing" / "models" / "mmcoa.json").read_text())["ledger"]["wall_s"] > 0
+    assert json.loads((repo / "timing" / "evals" / "mmcoa" / "fashion_mnist.json").read_text())["cost"]["image"]["wall_s"] > 0
     # One attack by hand on the pipeline's base model: its clean accuracy is the pipeline's on the same
     # samples, the attack lowers it, and the result says what it was computed with.
     run([str(BIN / "mmcoa"), "attack", "--model", "models/base", "--attack", "pgd", "-a", "eps_255=4", "-a", "steps=3",
