@@ -23,11 +23,12 @@ import resource
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 import torch
 
-from mmcoa.models import ClipModel
+if TYPE_CHECKING:  # only for annotations: the report reads ledgers without loading models
+    from mmcoa.models import ClipModel
 
 TOWERS = ("image", "text")
 PASS_KEYS = tuple(f"{d}_{t}{u}" for t in TOWERS for d in ("fwd", "bwd") for u in ("", "_rows"))

@@ -215,7 +215,7 @@ def test_leaf_attack_maximises_the_distance_to_the_original_clean_embedding():
 class Images:
     """A fixed set of images and labels, so every step trains on the same batch."""
 
-    def __init__(self, n: int = 16):
+    def __init__(self, n: int = 8):
         self.images, self.labels = batch(n, seed=3)
 
     def __len__(self):
@@ -237,7 +237,7 @@ def test_a_short_run_lowers_the_loss_and_moves_only_its_towers(method, options, 
     before = {n: p.detach().clone() for n, p in model.clip.named_parameters()}
     data = Images()
     defense = create_defense(method, model, ctx(copy.deepcopy(model), options=options))
-    history = train(model, defense, data, TrainConfig(steps=6, batch_size=len(data), lr=2e-4, optimizer="adam"))
+    history = train(model, defense, data, TrainConfig(steps=4, batch_size=len(data), lr=3e-4, optimizer="adam"))
     losses = [h["loss"] for h in history]
     assert losses[-1] < losses[0], losses
     changed = {tower_of(n) for n, p in model.clip.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -248,8 +248,12 @@ def test_a_short_run_lowers_the_loss_and_moves_only_its_towers(method, options, 
 
 
 def test_finetune_command_trains_each(tmp_path, fmnist_dir):
-    base = tmp_path / "base"
+    from mmcoa.data import open_dataset
+    from mmcoa.data.subset import write_subset
+
+    base, data = tmp_path / "base", tmp_path / "prepared"
     save_model(micro(), base)
+    write_subset(open_dataset("fashion_mnist", "train", root=fmnist_dir.parent / "raw"), 32, 0, data, 10**6)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"finetune": {
         "steps": 2, "batch_size": 8, "checkpoint_every": 2,
@@ -259,7 +263,7 @@ def test_finetune_command_trains_each(tmp_path, fmnist_dir):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
     exe = str(Path(sys.executable).parent / "mmcoa")
     procs = {m: subprocess.Popen([exe, "finetune", "--method", m, "--params", str(params), "--base", str(base),
-                                  "--data", str(fmnist_dir), "--out", str(tmp_path / m),
+                                  "--data", str(data), "--out", str(tmp_path / m),
                                   "--checkpoint-dir", str(tmp_path / f"ckpt-{m}")],
                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for m in ("tga_zsr", "leaf")}

@@ -213,6 +213,14 @@ def _project_imports(path: Path) -> set[str]:
             if node.name not in PARAM_CHECKS:
                 self.generic_visit(node)
 
+        def visit_If(self, node):
+            # `if TYPE_CHECKING:` imports are for annotations only and never run
+            if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                for child in node.orelse:
+                    self.visit(child)
+            else:
+                self.generic_visit(node)
+
         def visit_Import(self, node):
             found.update(a.name for a in node.names)
 
