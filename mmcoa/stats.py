@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import NamedTuple, Sequence
 
 import numpy as np
-from scipy.stats import binomtest, norm
 
-Z95 = float(norm.ppf(0.975))
+Z95 = NormalDist().inv_cdf(0.975)  # stdlib: every stage imports this module, scipy takes a second to load
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -68,6 +68,8 @@ def paired_test(a_correct: Sequence[int], b_correct: Sequence[int]) -> PairedTes
         raise ValueError(f"paired outcomes must be two vectors of one length, got {a.shape} and {b.shape}")
     n10 = int(np.sum(a & ~b))
     n01 = int(np.sum(~a & b))
+    from scipy.stats import binomtest  # loaded where a test runs (the report), not by every stage
+
     p = 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
     diff = (n10 - n01) / len(a) if len(a) else 0.0
     return PairedTest(diff, min(p, 1.0), n01, n10)
