@@ -118,14 +118,16 @@ def report(out: Path, defenses: list[str], adversaries: list[str], seeds: list[i
                 for c in COLUMNS:
                     accs = [outcomes(out, n, d)[1][c].mean() for n in names]
                     m, lo, hi = t_interval(accs)
-                    cells.append(f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+                    cells.append(f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" if len(seeds) > 1 else f"{100 * m:.1f}")
                     if adv != "pgd10" and c == "worst_image":
                         tests.append((defense, adv, d, pooled_test(out, defense, adv, seeds, d, c)))
             timed = f"{np.mean(secs):.0f} ({np.mean(secs) / np.mean(ref_s):.2f}x)" if None not in secs + ref_s else "n/a"
             rows.append(f"| {defense} | {adv} | " + " | ".join(cells) + f" | {bwd:.0f} ({bwd / ref_bwd:.2f}x) | {timed} |")
     reject = holm([t.p for *_, t in tests])
     head = " | ".join(f"{d} {c}" for d in DATASETS for c in COLUMNS)
-    lines = [f"# Fast adversarial training study ({len(seeds)} seeds: {', '.join(map(str, seeds))})", "",
+    lines = [f"# Fast adversarial training study (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})", "",
+             *(["One seed: no interval across seeds; the paired tests below are the only evidence.", ""]
+               if len(seeds) == 1 else []),
              "Accuracy (%) as the mean over seeds with a 95% t-interval across seeds; worst_image over PGD-10 "
              "(L-inf 4/255) and the transfer check from the base; the same samples for every model. Image "
              "backward passes are counted at the model over the whole run (mean over seeds); seconds are "
