@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import t as student_t
 
-from mmcoa.stats import cluster_paired_test, holm
+from mmcoa.stats import cluster_paired_test, holm, spread
+from stages.common import read_timing
 
 # The training adversaries: PGD-10 as an override of finetune.image_attack (the default spec is PGD-3 at
 # step 2); the others as the named variants of params.yaml (<defense>_pgd2, _fgsm, _nfgsm).
@@ -71,21 +72,15 @@ def outcomes(out: Path, name: str, dataset: str) -> tuple[list[int], dict[str, n
 
 
 def seconds(model: Path) -> float | None:
-    """Measured training seconds (timing/<model>.json for a relative folder, else beside it)."""
-    path = Path("timing") / f"{model.as_posix()}.json" if not model.is_absolute() else model.with_name(f"{model.name}.timing.json")
-    try:
-        return float(json.loads(path.read_text())["ledger"]["wall_s"])
-    except (OSError, ValueError, KeyError):
-        return None
+    """Measured training seconds, from where the finetune command records them (None if it did not)."""
+    return read_timing(model).get("ledger", {}).get("wall_s")
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
     """Mean and 95% t-interval across seeds (the interval is the mean itself for one seed)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return float(v.mean()), float(v.mean()), float(v.mean())
-    half = float(student_t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+    s = spread(values)
+    half = float(student_t.ppf(0.975, s.n - 1) * s.std / np.sqrt(s.n)) if s.n > 1 else 0.0
+    return s.mean, s.mean - half, s.mean + half
 
 
 def pooled_test(out: Path, defense: str, adversary: str, seeds: list[int], dataset: str, column: str):
@@ -152,7 +147,7 @@ def main() -> None:
     args = ap.parse_args()
     if "pgd10" not in args.adversaries:
         ap.error("--adversaries must include pgd10, the reference every other adversary is compared with")
-    if not Path("models/base/config.json").is_file() and not Path("models/base").is_dir():
+    if not Path("models/base").is_dir():
         ap.error("models/base is missing: run `dvc repro` first")
     exe = Path(sys.executable).parent / "mmcoa"
     for s in args.seeds:  # seed by seed, so a study cut short leaves whole seeds to report

@@ -50,8 +50,8 @@ SPECS = {
 }
 
 
-def _evaluate(model, test, suite, n=60, sweep=None):
-    idx = sample_indices(test.labels, n, 0)
+def _evaluate(model, test, suite, n=60, sweep=None, idx=None):
+    idx = sample_indices(test.labels, n, 0) if idx is None else idx
     return evaluate_classification(model, in_memory_batches(test), idx, test.classnames, test.templates[:1],
                                    suite, "fashion_mnist", 30, 0, sweep, n_examples=0)
 
@@ -85,8 +85,7 @@ def test_robust_implies_clean_correct_for_every_attack(trained_model, fmnist, tm
     fixed = torch.nonzero(raw & ~clean_all).flatten()
     assert len(fixed) > 0, "no misclassified sample turned right: the rule is not exercised"
     idx = torch.unique(torch.cat([sample_indices(test.labels, 50, 0), fixed[:10]]))
-    res = evaluate_classification(trained_model, in_memory_batches(test), idx, test.classnames, test.templates[:1],
-                                  suite, "fashion_mnist", 30, 0, ("pgd", {"steps": 2}, [2, 64]), n_examples=0)
+    res = _evaluate(trained_model, test, suite, sweep=("pgd", {"steps": 2}, [2, 64]), idx=idx)
     clean = res.outcomes["clean"]
     assert 0 < clean.float().mean() < 1
     columns = [n for n in res.outcomes if n != "clean"]
