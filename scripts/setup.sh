@@ -8,6 +8,25 @@ PY=${PYTHON:-python3}
 VENV=.venv
 EXTRA=${1:-}
 
+# `uv pip install` with pip's configured indexes, find-links and constraints (pip resolves over all its
+# indexes at once, hence uv's unsafe-best-match), into this venv, editable as pip would make it.
+uv_install() {
+  local args=(--python "$VENV/bin/python" --index-strategy unsafe-best-match --config-settings editable_mode=compat)
+  local key value v
+  while IFS='=' read -r key value; do
+    value=${value#\'}; value=${value%\'}
+    for v in $value; do
+      case "${key##*.}" in
+        index-url) args+=(--index-url "$v") ;;
+        extra-index-url) args+=(--extra-index-url "$v") ;;
+        find-links) args+=(--find-links "$v") ;;
+        constraint) args+=(--constraint "$v") ;;
+      esac
+    done
+  done < <("$VENV/bin/pip" config list 2>/dev/null | sort -u)
+  "$VENV/bin/uv" pip install -q "${args[@]}" "$@"
+}
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV" >&2
   "$PY" -m venv "$VENV"
@@ -26,18 +45,20 @@ if [ ! -f "$stamp" ]; then
          "free $((short_kb / 1024 + 1)) MB more on that disk and run this again." >&2
     exit 2
   fi
-  echo "setup: installing dependencies into $VENV (a few minutes: torch is large)" >&2
-  # -qq: errors only (a machine's index settings can print hundreds of lines of warnings);
-  # editable_mode=compat: the work tree on sys.path through a .pth file, so edits to mmcoa/ and stages/
-  # take effect at once, as DVC's dependency tracking of those folders assumes.
-  pip_install=("$VENV/bin/pip" install -qq --config-settings editable_mode=compat)
-  if [ "$EXTRA" = "test" ]; then
-    "${pip_install[@]}" -e ".[test]"
-    # torchattacks is a test oracle; its pinned requests would downgrade what dvc needs, hence --no-deps.
-    "$VENV/bin/pip" install -qq --no-deps "torchattacks==3.5.1"
-  else
-    "${pip_install[@]}" -e .
+  echo "setup: installing dependencies into $VENV (a minute or two: torch is large)" >&2
+  # uv installs the same requirements several times faster than pip (wheels unpacked in parallel); it
+  # is given the index settings pip is configured with here, and pip does the install if uv cannot.
+  if [ "$EXTRA" = "test" ]; then target=".[test]"; else target="."; fi
+  "$VENV/bin/pip" install -qq uv 2>/dev/null || true
+  if ! { [ -x "$VENV/bin/uv" ] && uv_install -e "$target"; }; then
+    [ -x "$VENV/bin/uv" ] && echo "setup: uv could not install the stack; installing with pip instead" >&2
+    # -qq: errors only (a machine's index settings can print hundreds of lines of warnings);
+    # editable_mode=compat: the work tree on sys.path through a .pth file, so edits to mmcoa/ and stages/
+    # take effect at once, as DVC's dependency tracking of those folders assumes.
+    "$VENV/bin/pip" install -qq --config-settings editable_mode=compat -e "$target"
   fi
+  # torchattacks is a test oracle; its pinned requests would downgrade what dvc needs, hence --no-deps.
+  if [ "$EXTRA" = "test" ]; then "$VENV/bin/pip" install -qq --no-deps "torchattacks==3.5.1"; fi
   # clip-benchmark ships the field's class names and prompt templates; only its JSON files are used.
   "$VENV/bin/pip" install -qq --no-deps "clip-benchmark==1.6.2"
   touch "$stamp"
