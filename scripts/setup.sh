@@ -9,7 +9,9 @@ VENV=.venv
 EXTRA=${1:-}
 
 # `uv pip install` with pip's configured indexes, find-links and constraints (pip resolves over all its
-# indexes at once, hence uv's unsafe-best-match), into this venv, editable as pip would make it.
+# indexes at once, hence uv's unsafe-best-match), into this venv, editable as pip would make it, and
+# byte-compiled as pip leaves it: without the .pyc files, a Python told not to write them compiles torch
+# anew in every process (`mmcoa --help` 20 s instead of 9).
 uv_install() {
   local args=(--python "$VENV/bin/python" --index-strategy unsafe-best-match --config-settings editable_mode=compat)
   local key value v
@@ -24,7 +26,7 @@ uv_install() {
       esac
     done
   done < <("$VENV/bin/pip" config list 2>/dev/null | sort -u)
-  "$VENV/bin/uv" pip install -q "${args[@]}" "$@"
+  "$VENV/bin/uv" pip install -q --compile-bytecode "${args[@]}" "$@"
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
