@@ -1,4 +1,4 @@
-"""TGA-ZSR and LEAF: their losses on hand-built batches against the formulas written out here, the
+"""TGA-ZSR, LEAF and anchored MMCoA: their losses on hand-built batches against the formulas written out here, the
 patch tokens read without changing the model, short runs that lower each loss and leave the towers
 they must not train bit-equal, and `mmcoa finetune` with each."""
 
@@ -209,6 +209,53 @@ def test_leaf_attack_maximises_the_distance_to_the_original_clean_embedding():
     assert d.loss(model, *batch()).logs["loss_text"] > 0  # the original's own captions score 0
 
 
+# --- anchored MMCoA ----------------------------------------------------------------------------
+
+
+def hand_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.Tensor:
+    """Symmetric InfoNCE with diagonal targets, written out."""
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    y = torch.arange(len(img))
+    return 0.5 * (hand_ce(logits, y) + hand_ce(logits.T, y))
+
+
+@pytest.mark.parametrize("options", [{}, {"anchor_image": 0.3, "anchor_text": 2.0}, {"anchor_image": 0, "anchor_text": 0}])
+def test_anchored_mmcoa_loss_is_its_formula(options):
+    model, original = micro(0), micro(1)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(math.log(300.0))  # above the clamp of 100
+    x, y = batch()
+    adv_x = (x + 0.03 * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    t = captions_of(y)
+    adv_t = [c.replace("photo", "phot") for c in t]
+    d = create_defense("mmcoa_anchor", model, ctx(original, options=options))
+    d.image_adversary, d.text_adversary = Fixed(adv_x), Fixed(adv_t)
+    out = d.loss(model, x, y)
+    wi, wt = options.get("anchor_image", 1.0), options.get("anchor_text", 1.0)
+    with torch.no_grad():
+        f_adv, f_clean = model.encode_image(adv_x, normalize=False), model.encode_image(x, normalize=False)
+        g_clean, g_adv = model.clip.encode_text(model.tokenize(t)), model.clip.encode_text(model.tokenize(adv_t))
+        f0, g0 = original.encode_image(x, normalize=False), original.clip.encode_text(original.tokenize(t))
+        contrastive = 0.5 * hand_clip_loss(f_adv, g_clean, 100.0) + 0.5 * hand_clip_loss(f_clean, g_adv, 100.0)
+        anchors = wi * ((f_adv - f0) ** 2).sum(1).mean() + wt * ((g_adv - g0) ** 2).sum(1).mean()
+    assert out.loss.item() == pytest.approx((contrastive + anchors).item(), rel=1e-5)
+    assert out.logs["anchor_image"] > 0 and out.logs["anchor_text"] > 0  # another original
+    if wi == wt == 0:  # MMCoA's loss, term for term
+        m = create_defense("mmcoa", model, ctx(original))
+        m.image_adversary, m.text_adversary = Fixed(adv_x), Fixed(adv_t)
+        assert out.loss.item() == pytest.approx(m.loss(model, x, y).loss.item(), rel=1e-6)
+
+
+def test_anchored_mmcoa_is_registered_with_its_towers_label_and_options():
+    cls = defense_class("mmcoa_anchor")
+    assert (cls.label, cls.trains, cls.attacks, cls.needs_original) == ("MMCoA+anchor", ("image", "text", "scale"), ("image", "text"), True)
+    assert cls.validate_options({}).model_dump() == {"anchor_image": 1.0, "anchor_text": 1.0}
+    with pytest.raises(DefenseError, match="anchor_text"):
+        cls.validate_options({"anchor_text": -1})
+    with pytest.raises(DefenseError, match="anchor"):
+        cls.validate_options({"anchor": 1})
+
+
 # --- short runs: the loss goes down, the frozen towers stay bit-equal -------------------------
 
 
@@ -229,6 +276,7 @@ class Images:
     ("tga_zsr", {}, {"image"}),
     ("leaf", {}, {"text"}),
     ("leaf", {"image_tower": "fare"}, {"image", "text"}),
+    ("mmcoa_anchor", {}, {"image", "text", "scale"}),
 ])
 def test_a_short_run_lowers_the_loss_and_moves_only_its_towers(method, options, moves):
     model = micro()
@@ -236,12 +284,14 @@ def test_a_short_run_lowers_the_loss_and_moves_only_its_towers(method, options, 
         model.clip.logit_scale.fill_(math.log(200.0))  # above the clamp: a frozen scale must not be clamped
     before = {n: p.detach().clone() for n, p in model.clip.named_parameters()}
     data = Images()
-    defense = create_defense(method, model, ctx(copy.deepcopy(model), options=options))
+    original = copy.deepcopy(model)
+    defense = create_defense(method, model, ctx(original, options=options))
     history = train(model, defense, data, TrainConfig(steps=4, batch_size=len(data), lr=3e-4, optimizer="adam"))
     losses = [h["loss"] for h in history]
     assert losses[-1] < losses[0], losses
     changed = {tower_of(n) for n, p in model.clip.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == moves
+    assert all(torch.equal(p, before[n]) for n, p in original.clip.named_parameters())  # the anchor stays
 
 
 # --- through the command ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ from mmcoa.defenses.base import (
     list_defenses,
     register_defense,
 )
-from mmcoa.defenses import clean, fare, leaf, mmcoa, pmg_aft, tecoa, tga_zsr  # noqa: F401  (register)
+from mmcoa.defenses import anchored, clean, fare, leaf, mmcoa, pmg_aft, tecoa, tga_zsr  # noqa: F401  (register)
 from mmcoa.defenses.recipe import check_finetune, resolve
 
 

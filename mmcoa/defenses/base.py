@@ -141,10 +141,11 @@ class Defense:
         """exp(logit_scale), clamped as TeCoA does (the clamp also stops its gradient above max)."""
         return model.logit_scale.clamp(max=self.ctx.logit_scale_max)
 
-    def encode_captions(self, model: ClipModel, texts: list[str]) -> torch.Tensor:
-        """Unit-norm embeddings of per-sample captions, each distinct caption encoded once."""
+    def encode_captions(self, model: ClipModel, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        """Embeddings of per-sample captions (unit-norm unless ``normalize=False``), each distinct
+        caption encoded once."""
         unique, rows = distinct(texts)
-        emb = model.encode_text(model.tokenize(unique))
+        emb = model.encode_text(model.tokenize(unique), normalize=normalize)
         return emb[rows.to(emb.device)]
 
 
@@ -171,6 +172,12 @@ def defense_class(name: str) -> type[Defense]:
 def fp32(t: torch.Tensor):
     """A context in which autocast is off on ``t``'s device: losses are computed in full precision."""
     return torch.autocast(t.device.type, enabled=False)
+
+
+def squared_distance(feats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """FARE's distance: batch mean of ||feats - target||^2 over the embedding dimension, in fp32."""
+    with fp32(feats):
+        return ((feats.float() - target.float()) ** 2).sum(-1).mean()
 
 
 def zero_shot_logits(scale: torch.Tensor, image_feats: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:

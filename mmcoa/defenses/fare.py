@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from mmcoa.attacks.objectives import EmbeddingDistanceObjective
-from mmcoa.defenses.base import Defense, DefenseOutput, fp32, inputs_only, register_defense
+from mmcoa.defenses.base import Defense, DefenseOutput, inputs_only, register_defense, squared_distance
 
 
 @register_defense("fare")
@@ -27,7 +27,5 @@ class FARE(Defense):
         if self.image_adversary is not None:
             with inputs_only(model):
                 adv = self.image_adversary.perturb(images, EmbeddingDistanceObjective(model, target))
-        feats = model.encode_image(adv, normalize=False)
-        with fp32(feats):
-            loss = ((feats.float() - target) ** 2).sum(-1).mean()
+        loss = squared_distance(model.encode_image(adv, normalize=False), target)
         return DefenseOutput(loss, {"loss": loss.item()})

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from mmcoa.attacks.objectives import EmbeddingDistanceObjective, ObjectiveOutput, _TextEncoder
-from mmcoa.defenses.base import Defense, DefenseOutput, DefenseParams, fp32, inputs_only, register_defense
+from mmcoa.defenses.base import Defense, DefenseOutput, DefenseParams, inputs_only, register_defense, squared_distance
 from mmcoa.models import ClipModel
 
 
@@ -38,12 +38,6 @@ class TextEmbeddingDistanceObjective:
         owners = owners.to(emb.device)
         dist = ((emb.float() - self.clean_emb[owners]) ** 2).sum(-1)
         return ObjectiveOutput(torch.where(fits, dist, torch.full_like(dist, -torch.inf)))
-
-
-def squared_distance(feats: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Batch mean of ||feats - target||^2 over the embedding dimension, in fp32."""
-    with fp32(feats):
-        return ((feats.float() - target.float()) ** 2).sum(-1).mean()
 
 
 class LEAFParams(DefenseParams):
