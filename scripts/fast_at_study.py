@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from mmcoa.stats import holm
-from studylib import cell_text, evaluate, finetune, ledger, outcomes, pooled_test
+from readme_block import write_block
+from studylib import cell_text, evaluate, finetune, ledger, outcomes, pooled_test, t_interval
 
 # The training adversaries: PGD-10 as an override of finetune.image_attack (the default spec is PGD-3 at
 # step 2); the others as the named variants of params.yaml (<defense>_pgd2, _fgsm, _nfgsm).
@@ -51,12 +52,14 @@ def train_and_evaluate(out: Path, defense: str, adversary: str, seed: int) -> No
         evaluate(out, cell(defense, adversary, seed), model, d, ["-S", f"evaluate.suite={json.dumps(SUITE)}"])
 
 
-def report(out: Path, defenses: list[str], adversaries: list[str], seeds: list[int]) -> str:
-    rows, tests = [], []
+def report(out: Path, defenses: list[str], adversaries: list[str], seeds: list[int]) -> tuple[str, str]:
+    """(the study's Markdown, README's summary of it)."""
+    rows, tests, goal = [], [], []
     for defense in defenses:
         ref = [ledger(out / "models" / cell(defense, "pgd10", s)) for s in seeds]
         ref_bwd = np.mean([r["bwd_image"] for r in ref])
         ref_s = [r["wall_s"] for r in ref]
+        ref_worst = {d: t_interval(worst_image(out, defense, "pgd10", seeds, d)) for d in DATASETS}
         for adv in adversaries:
             runs = [ledger(out / "models" / cell(defense, adv, s)) for s in seeds]
             bwd = np.mean([r["bwd_image"] for r in runs])
@@ -69,26 +72,48 @@ def report(out: Path, defenses: list[str], adversaries: list[str], seeds: list[i
                     if adv != "pgd10" and c == "worst_image":
                         pairs = [(ev, out / "evals" / cell(defense, "pgd10", s) / d) for ev, s in zip(evs, seeds)]
                         tests.append((defense, adv, d, pooled_test(pairs, c)))
+            if adv != "pgd10" and bwd <= ref_bwd / 3:
+                inside = [ref_worst[d][1] <= t_interval(worst_image(out, defense, adv, seeds, d))[0] <= ref_worst[d][2]
+                          for d in DATASETS]
+                goal.append((defense, adv, bwd / ref_bwd, inside))
             timed = f"{np.mean(secs):.0f} ({np.mean(secs) / np.mean(ref_s):.2f}x)" if None not in secs + ref_s else "n/a"
             rows.append(f"| {defense} | {adv} | " + " | ".join(cells) + f" | {bwd:.0f} ({bwd / ref_bwd:.2f}x) | {timed} |")
     reject = holm([t.p for *_, t in tests])
     head = " | ".join(f"{d} {c}" for d in DATASETS for c in COLUMNS)
-    lines = [f"# Fast adversarial training study (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})", "",
-             *(["One seed: no interval across seeds; the paired tests below are the only evidence.", ""]
-               if len(seeds) == 1 else []),
-             "Accuracy (%) as the mean over seeds with a 95% t-interval across seeds; worst_image over PGD-10 "
+    plural = "s" if len(seeds) > 1 else ""
+    table = [f"| defense | training adversary | {head} | image backward passes (vs PGD-10) | seconds (vs PGD-10) |",
+             "|---|---|" + "---:|" * (len(DATASETS) * len(COLUMNS) + 2), *rows]
+    about = ("Accuracy (%) as the mean over seeds with a 95% t-interval across seeds; worst_image over PGD-10 "
              "(L-inf 4/255) and the transfer check from the base; the same samples for every model. Image "
              "backward passes are counted at the model over the whole run (mean over seeds); seconds are "
-             "measured on this machine.", "",
-             f"| defense | training adversary | {head} | image backward passes (vs PGD-10) | seconds (vs PGD-10) |",
-             "|---|---|" + "---:|" * (len(DATASETS) * len(COLUMNS) + 2), *rows, "",
+             "measured on this machine.")
+    met = [f"{d}: {', '.join(a for dd, a, _, inside in goal if dd == d and all(inside)) or 'none'}" for d in defenses]
+    goal_text = ("The goal (at most a third of PGD-10 training's image backward passes, worst-case image accuracy "
+                 "inside PGD-10 training's 95% interval across seeds on " + " and ".join(DATASETS) + "): met by "
+                 + "; ".join(met) + "." if len(seeds) > 1 else "The goal needs intervals across seeds: not assessed on one seed.")
+    rejected = [f"{d} {a} on {ds} ({100 * t.diff:+.1f} points)" for (d, a, ds, t), r in zip(tests, reject) if r]
+    holm_text = (f"Against the PGD-10-trained model of the same defense, {len(rejected)} of {len(tests)} paired "
+                 f"tests of worst-case image accuracy reject under Holm's correction"
+                 + (f": {'; '.join(rejected)}." if rejected else "."))
+    lines = [f"# Fast adversarial training study (seed{plural} {', '.join(map(str, seeds))})", "",
+             *(["One seed: no interval across seeds; the paired tests below are the only evidence.", ""]
+               if len(seeds) == 1 else []),
+             about, "", *table, "", goal_text, "",
              f"Worst-case image accuracy against the PGD-10-trained model of the same defense and seed: exact "
              f"sign-flip test pooled over seeds (the sample is the cluster), Holm's correction over these "
              f"{len(tests)} tests.", "",
              "| defense | training adversary | dataset | difference (points) | p | Holm rejects |", "|---|---|---|---:|---:|---|"]
     lines += [f"| {d} | {a} | {ds} | {100 * t.diff:+.1f} | {t.p:.3g} | {'yes' if r else 'no'} |"
               for (d, a, ds, t), r in zip(tests, reject)]
-    return "\n".join(lines) + "\n"
+    readme = [f"Generated by `python scripts/fast_at_study.py --seeds {' '.join(map(str, seeds))} --defenses "
+              f"{' '.join(defenses)}` (seed{plural} {', '.join(map(str, seeds))}); every paired test: "
+              f"[{out / 'fast_at.md'}]({out / 'fast_at.md'}). {about}", "", *table, "", f"{goal_text} {holm_text}"]
+    return "\n".join(lines) + "\n", "\n".join(readme)
+
+
+def worst_image(out: Path, defense: str, adversary: str, seeds: list[int], dataset: str) -> list[float]:
+    return [outcomes(out / "evals" / cell(defense, adversary, s) / dataset, ["worst_image"])[1]["worst_image"].mean()
+            for s in seeds]
 
 
 def main() -> None:
@@ -97,6 +122,7 @@ def main() -> None:
     ap.add_argument("--adversaries", nargs="+", default=["pgd10", "pgd2", "fgsm", "nfgsm"], choices=ADVERSARIES)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("study/fast_at"))
+    ap.add_argument("--readme", action="store_true", help="also write the summary into README's fast-at block")
     args = ap.parse_args()
     if "pgd10" not in args.adversaries:
         ap.error("--adversaries must include pgd10, the reference every other adversary is compared with")
@@ -106,8 +132,10 @@ def main() -> None:
         for defense in args.defenses:
             for adv in args.adversaries:
                 train_and_evaluate(args.out, defense, adv, s)
-    text = report(args.out, args.defenses, args.adversaries, args.seeds)
+    text, summary = report(args.out, args.defenses, args.adversaries, args.seeds)
     (args.out / "fast_at.md").write_text(text)
+    if args.readme:
+        write_block(Path("README.md"), "fast-at", summary)
     print(text)
 
 

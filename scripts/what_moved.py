@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-START, END = "<!-- moved:start -->", "<!-- moved:end -->"
+from readme_block import write_block
+
 RETRIEVAL = ("i2t_r1", "t2i_r1")
 
 # (predicate on (dataset, column, metric), why). First match wins; the last rule always matches.
@@ -104,13 +105,6 @@ def table(old: dict[str, float], new: dict[str, float], min_points: float, rev: 
     return "\n".join([intro, "", *head, *body])
 
 
-def splice(text: str, block: str) -> str:
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        sys.exit(f"what_moved: README has no '{START}' ... '{END}' block")
-    return text[: start + len(START)] + "\n" + block + "\n" + text[end:]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old-rev", required=True, help="git revision of the earlier run")
@@ -124,8 +118,7 @@ def main() -> None:
     if args.print:
         print(block)
         return
-    readme = Path(args.readme)
-    readme.write_text(splice(readme.read_text(), block))
+    write_block(Path(args.readme), "moved", block)
 
 
 if __name__ == "__main__":
