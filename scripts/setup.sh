@@ -9,9 +9,9 @@ VENV=.venv
 EXTRA=${1:-}
 
 # `uv pip install` with pip's configured indexes, find-links and constraints (pip resolves over all its
-# indexes at once, hence uv's unsafe-best-match), into this venv, editable as pip would make it, and
-# byte-compiled as pip leaves it: without the .pyc files, a Python told not to write them compiles torch
-# anew in every process (`mmcoa --help` 20 s instead of 9).
+# indexes at once, hence uv's unsafe-best-match), into this venv, editable as pip would make it. It is
+# not byte-compiled here (all of site-packages: ~45 s on 2 cores): Python writes the .pyc of what it
+# imports (the Makefile lets it, see there), and the set-up imports the CLI once to write its own.
 uv_install() {
   local args=(--python "$VENV/bin/python" --index-strategy unsafe-best-match --config-settings editable_mode=compat)
   local key value v
@@ -26,7 +26,7 @@ uv_install() {
       esac
     done
   done < <("$VENV/bin/pip" config list 2>/dev/null | sort -u)
-  "$VENV/bin/uv" pip install -q --compile-bytecode "${args[@]}" "$@"
+  "$VENV/bin/uv" pip install -q "${args[@]}" "$@"
 }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -59,15 +59,18 @@ if [ ! -f "$stamp" ]; then
     # take effect at once, as DVC's dependency tracking of those folders assumes.
     "$VENV/bin/pip" install -qq --config-settings editable_mode=compat -e "$target"
   fi
-  # torchattacks is a test oracle; its pinned requests would downgrade what dvc needs, hence --no-deps.
-  if [ "$EXTRA" = "test" ]; then "$VENV/bin/pip" install -qq --no-deps "torchattacks==3.5.1"; fi
   # clip-benchmark ships the field's class names and prompt templates; only its JSON files are used.
-  "$VENV/bin/pip" install -qq --no-deps "clip-benchmark==1.6.2"
+  # torchattacks is a test oracle; its pinned requests would downgrade what dvc needs: both --no-deps.
+  nodeps=("clip-benchmark==1.6.2")
+  if [ "$EXTRA" = "test" ]; then nodeps+=("torchattacks==3.5.1"); fi
+  if ! { [ -x "$VENV/bin/uv" ] && uv_install --no-deps "${nodeps[@]}"; }; then
+    "$VENV/bin/pip" install -qq --no-deps "${nodeps[@]}"
+  fi
+  # One import of every command writes the .pyc files of the stack it uses, so that `mmcoa` run by hand
+  # starts fast even where Python is told not to write them (PYTHONDONTWRITEBYTECODE).
+  PYTHONDONTWRITEBYTECODE= "$VENV/bin/python" -c "from stages.cli import build_app; build_app()"
   touch "$stamp"
 fi
-# Byte-compile the project once (Python may be told not to cache it: PYTHONDONTWRITEBYTECODE), so each
-# stage process starts without compiling mmcoa/ and stages/ again; a stale file is recompiled here.
-"$VENV/bin/python" -m compileall -q mmcoa stages >/dev/null
 
 # Fashion-MNIST: Debian's package where it can be installed; otherwise say how to get it.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! -f data/raw/FashionMNIST/raw/train-images-idx3-ubyte ]; then
