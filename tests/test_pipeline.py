@@ -122,10 +122,11 @@ def test_tiny_dvc_repro_produces_the_metric_contract(tmp_path):
     assert "changed" not in status and "modified" not in status, status
     again = run(["dvc", "repro"], repo).stdout
     assert "Running stage" not in again, again
-    # Rerun from scratch, a fine-tuning and an evaluation give the same bytes: every hash DVC recorded
-    # holds; the measured seconds, which differ, live under timing/, outside every output.
+    # Rerun from scratch, a fine-tuning gives the same bytes: every hash DVC recorded holds; the measured
+    # seconds, which differ, live under timing/, outside every output. (An evaluation rerun gives the same
+    # bytes too: tests/test_multimodal_evaluate.py, in one process, and the hand attack below.)
     lock = (repo / "dvc.lock").read_text()
-    run(["dvc", "repro", "-f", "-s", "finetune@mmcoa", "evaluate@mmcoa-fashion_mnist"], repo)
+    run(["dvc", "repro", "-f", "-s", "finetune@mmcoa"], repo)
     assert (repo / "dvc.lock").read_text() == lock
     assert json.loads((repo / "timing" / "models" / "mmcoa.json").read_text())["ledger"]["wall_s"] > 0
     assert json.loads((repo / "timing" / "evals" / "mmcoa" / "fashion_mnist.json").read_text())["cost"]["image"]["wall_s"] > 0
@@ -156,16 +157,22 @@ def test_bad_params_exit_2_and_write_nothing(tmp_path):
         "unknown attack param": ({"evaluate": {"suite": [{"name": "image", "attack": "pgd", "params": {"epz": 1}}]}}, "epz"),
         "unknown defense": ({"finetune": {"methods": ["nope"]}}, "finetune.methods"),
     }
-    # Every stage validates params through the same function: each case runs through one stage (the first
-    # also through finetune), all at once, since each run is mostly start-up time.
+    # Every stage validates params through the same function (stages.common.load, whose StageError the
+    # command prints as one line with exit 2): each case through it, the first and the last also through
+    # two stages' commands, at once, since each run is mostly start-up time.
+    from stages.common import StageError, load
+
     fetch = ["fetch", "--out", str(tmp_path / "out")]
     finetune = ["finetune", "--method", "mmcoa", "--out", str(tmp_path / "out")]
-    env = cli_env(OMP_WAIT_POLICY="PASSIVE")  # seven processes on two cores: idle threads sleep
+    env = cli_env(OMP_WAIT_POLICY="PASSIVE")  # processes side by side on two cores: idle threads sleep
     started = []
     for i, (label, (tree, key)) in enumerate(cases.items()):
         path = tmp_path / f"{label.replace(' ', '_')}.yaml"
         path.write_text(yaml.safe_dump(tree))
-        for stage in ([fetch, finetune] if i == 0 else [fetch]):
+        with pytest.raises(StageError) as err:
+            load(path)
+        assert key in str(err.value) and len(str(err.value).splitlines()) == 1, (label, err.value)
+        for stage in {0: [fetch], len(cases) - 1: [finetune]}.get(i, []):
             proc = subprocess.Popen(["mmcoa", *stage, "--params", str(path)], cwd=tmp_path, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             started.append((label, key, proc))
@@ -178,10 +185,15 @@ def test_bad_params_exit_2_and_write_nothing(tmp_path):
 
 
 def test_attack_list_and_cli_help(tmp_path):
-    res = run(["mmcoa", "attack", "--list"], tmp_path)
+    env = cli_env(OMP_WAIT_POLICY="PASSIVE")  # both at once: each is mostly start-up time
+    listing, helped = (subprocess.Popen(["mmcoa", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True) for args in (["attack", "--list"], ["--help"]))
+    out, err = listing.communicate()
+    assert listing.returncode == 0, err
     for name in ("pgd", "word", "multimodal"):
-        assert name in res.stdout
-    assert "finetune" in run(["mmcoa", "--help"], tmp_path).stdout
+        assert name in out
+    out, err = helped.communicate()
+    assert helped.returncode == 0 and "finetune" in out, err
 
 
 def test_a_command_imports_only_its_own_module():
@@ -189,11 +201,13 @@ def test_a_command_imports_only_its_own_module():
     cost each stage process seconds it does not need."""
     code = ("import sys; from stages.cli import build_app; build_app(['fetch-eval']); "
             "print(sorted(m for m in ('open_clip', 'sklearn', 'matplotlib') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
-    code = code.replace("['fetch-eval']", "None")  # every command (as `mmcoa --help` builds it): the probe sees them
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert "'open_clip'" in out.stdout and "'matplotlib'" in out.stdout, out.stdout
+    # every command (as `mmcoa --help` builds it): the probe sees them; both probes at once
+    one, every = (subprocess.Popen([sys.executable, "-c", c], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                   env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                  for c in (code, code.replace("['fetch-eval']", "None")))
+    assert one.communicate()[0].strip() == "[]" and one.returncode == 0
+    out = every.communicate()[0]
+    assert every.returncode == 0 and "'open_clip'" in out and "'matplotlib'" in out, out
 
 
 # --- DVC dependencies cover the code each stage runs ------------------------------------------
