@@ -13,7 +13,7 @@ from mmcoa.attacks import AttackError, create_attack
 from mmcoa.attacks.objectives import EmbeddingDistanceObjective, ZeroShotImageObjective
 from mmcoa.attacks.square import l2_pattern, p_schedule, square_side
 
-N = 100
+N = 150
 QUERIES = 300
 
 
@@ -51,7 +51,7 @@ def test_schedule_and_shapes():
         create_attack("square", p_init=0)
 
 
-SEEDS = (0, 1, 2, 3, 4)  # one run on 100 samples varies by 2 to 3 points (sd) between seeds, either attack
+SEEDS = (0, 1, 2, 3)  # one run on 150 samples varies by about 2 points (sd) between seeds, either attack
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
