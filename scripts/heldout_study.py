@@ -9,7 +9,7 @@ Run inside the project after `dvc repro`. For every (method, seed) it runs `mmco
 Seed 0 of a method of the pipeline's `finetune.methods` is the pipeline's own model and evaluation
 (the same params and seed give the same bytes), so it is read from models/ and evals/, not trained again.
 
-OUT/heldout.md has, per method, what its text tower trained against (from its training record), accuracy
+OUT/heldout.md (``--name``) has, per method, what its text tower trained against (from its training record), accuracy
 (%) as the mean over seeds with a 95% t-interval across seeds for clean and each family's worst case,
 every text attack of the suite, and the issue's goal checked criterion by criterion, each with a paired
 test pooled over seeds (the sample as the cluster, exact sign-flip) under one Holm correction.
@@ -60,11 +60,12 @@ def run_cell(out: Path, method: str, seed: int) -> None:
 def trained_text(model: Path) -> str:
     """What the text tower trained against, from the training record (none for an image-only defense)."""
     record = json.loads((model / "finetune.json").read_text()).get("text_attack")
-    specs = record if isinstance(record, list) else [record] if record else []
+    specs = record.get("components", [record]) if record else []
+
     def one(r: dict) -> str:
         if r["attack"] == "word":
-            return f"word ({r['candidates']}, {r['word_budget']})"
-        return f"{r['attack']} ({r.get('char_budget', '')})" if r["attack"] == "char" else r["attack"]
+            return f"word ({r['candidates']}, {r['word_budget']} of {r['k']})"
+        return f"char ({r['char_budget']})" if r["attack"] == "char" else r["attack"]
     return " + ".join(one(r) for r in specs) or "none"
 
 
@@ -76,8 +77,9 @@ def pairs(out: Path, a: str, b: str, seeds: list[int], dataset: str) -> list[tup
     return [(folders(out, a, s)[1] / dataset, folders(out, b, s)[1] / dataset) for s in seeds]
 
 
-def goal_rows(out: Path, method: str, seeds: list[int], present: list[str]) -> list[tuple[str, str, float, object, bool | None]]:
-    """(criterion, dataset, measured difference, paired test, met) of the issue's goal for ``method``."""
+def goal_rows(out: Path, method: str, seeds: list[int], present: list[str]) -> list[tuple[str, str, float, object, bool | None, bool]]:
+    """(criterion, dataset, measured difference, paired test, met by the means, whether "met" also needs the
+    test: an "above" criterion is met only where the paired test finds the difference) of the goal for ``method``."""
     rows = []
     mean = lambda m, d, c: t_interval(accuracy(out, m, seeds, d, c))
     for d in DATASETS:
@@ -85,7 +87,7 @@ def goal_rows(out: Path, method: str, seeds: list[int], present: list[str]) -> l
             for column, need in (("worst_text", 0.15), ("worst_multimodal", 0.0)):
                 diff = mean(method, d, column)[0] - mean(REFERENCE, d, column)[0]
                 test = pooled_test(pairs(out, method, REFERENCE, seeds, d), column)
-                rows.append((f"{column} - {REFERENCE}'s > {100 * need:.0f} points", d, diff, test, diff > need))
+                rows.append((f"{column} - {REFERENCE}'s > {100 * need:.0f} points", d, diff, test, diff > need, True))
         image = [m for m in IMAGE_DEFENSES if m in present]
         if image:
             best = max(image, key=lambda m: mean(m, d, "worst_image")[0])
@@ -93,16 +95,16 @@ def goal_rows(out: Path, method: str, seeds: list[int], present: list[str]) -> l
             m = mean(method, d, "worst_image")[0]
             test = pooled_test(pairs(out, method, best, seeds, d), "worst_image")
             rows.append((f"worst_image inside {best}'s 95% interval", d, m - mean(best, d, "worst_image")[0], test,
-                         lo <= m <= hi if len(seeds) > 1 else None))
+                         lo <= m <= hi if len(seeds) > 1 else None, False))
     if TRANSFER in present:
         d = DATASETS[-1]
         diff = mean(method, d, "clean")[0] - mean(TRANSFER, d, "clean")[0]
         rows.append((f"clean within 3 points of {TRANSFER}'s", d, diff,
-                     pooled_test(pairs(out, method, TRANSFER, seeds, d), "clean"), diff >= -0.03))
+                     pooled_test(pairs(out, method, TRANSFER, seeds, d), "clean"), diff >= -0.03, False))
     return rows
 
 
-def report(out: Path, methods: list[str], seeds: list[int], candidates: list[str]) -> tuple[str, str]:
+def report(out: Path, methods: list[str], seeds: list[int], candidates: list[str], name: str = "heldout") -> tuple[str, str]:
     """(the study's Markdown, README's summary of it)."""
     one = len(seeds) == 1
     head = " | ".join(f"{d} {c}" for d in DATASETS for c in FAMILIES)
@@ -112,8 +114,9 @@ def report(out: Path, methods: list[str], seeds: list[int], candidates: list[str
     text_head = " | ".join(f"{d} {c}" for d in DATASETS for c in TEXT)
     text_rows = [f"| {m} | " + " | ".join(cell_text(accuracy(out, m, seeds, d, c)) for d in DATASETS for c in TEXT) + " |"
                  for m in methods]
-    goals = [(m, *g) for m in candidates for g in goal_rows(out, m, seeds, methods)]
-    reject = holm([g[4].p for g in goals])
+    found = [(m, *g) for m in candidates for g in goal_rows(out, m, seeds, methods)]
+    reject = holm([g[4].p for g in found])
+    goals = [(m, crit, d, diff, test, ok and (r or not tested)) for (m, crit, d, diff, test, ok, tested), r in zip(found, reject)]
     met = lambda v: "n/a (one seed)" if v is None else "yes" if v else "no"
     about = ("Accuracy (%) as the mean over seeds with a 95% t-interval across seeds, the embedded default's "
              "whole suite, the same samples for every model. worst_text is over every text attack of the suite: "
@@ -137,13 +140,13 @@ def report(out: Path, methods: list[str], seeds: list[int], candidates: list[str
              f"| method | {text_head} |", "|---|" + "---:|" * (len(DATASETS) * len(TEXT)), *text_rows, "",
              f"The goal, criterion by criterion, for each candidate: the difference of means over seeds, and a "
              f"paired test on the same samples pooled over seeds (the sample is the cluster), Holm's correction "
-             f"over these {len(goals)} tests.", "",
+             f"over these {len(goals)} tests; an \"above\" criterion is met only where Holm's correction rejects.", "",
              "| method | criterion | dataset | difference (points) | p | Holm rejects | met |",
              "|---|---|---|---:|---:|---|---|"]
     lines += [f"| {m} | {crit} | {d} | {100 * diff:+.1f} | {test.p:.3g} | {'yes' if r else 'no'} | {met(ok)} |"
               for (m, crit, d, diff, test, ok), r in zip(goals, reject)]
     readme = [f"Generated by `python scripts/heldout_study.py --seeds {' '.join(map(str, seeds))} --methods "
-              f"{' '.join(methods)}`; each text attack and every paired test: [{out / 'heldout.md'}]({out / 'heldout.md'}). "
+              f"{' '.join(methods)}`; each text attack and every paired test: [{out / f'{name}.md'}]({out / f'{name}.md'}). "
               f"{about}", "", *table, "", goal_text]
     return "\n".join(lines) + "\n", "\n".join(readme)
 
@@ -154,6 +157,7 @@ def main() -> None:
                     default=["mmcoa", "fare", "tecoa", "mmcoa_mix", "anchor_word", "mmcoa_anchor", "anchor_light", "anchor_wide"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("study/heldout"))
+    ap.add_argument("--name", default="heldout", help="the report's file name: OUT/NAME.md")
     ap.add_argument("--readme", action="store_true", help="also write the summary into README's heldout block")
     args = ap.parse_args()
     if not Path("models/base").is_dir():
@@ -162,9 +166,9 @@ def main() -> None:
         for m in args.methods:
             run_cell(args.out, m, s)
     candidates = [m for m in args.methods if m not in (*IMAGE_DEFENSES, REFERENCE, TRANSFER)]
-    text, summary = report(args.out, args.methods, args.seeds, candidates)
+    text, summary = report(args.out, args.methods, args.seeds, candidates, args.name)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "heldout.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text)
     if args.readme:
         write_block(Path("README.md"), "heldout", summary)
     print(text)
