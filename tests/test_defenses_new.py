@@ -121,13 +121,20 @@ def test_reading_tokens_leaves_the_outputs_bit_identical():
 # --- TGA-ZSR ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options", [{}, {"alpha": 0.5, "beta": 2.0, "distance": "cos"}, {"distance": "l1"}])
-def test_tga_zsr_loss_is_its_formula(options):
+def formula_case():
+    """A model whose logit scale is above the clamp of 100, another original, a batch and its signed
+    perturbation: what a loss-against-its-formula test feeds a defense."""
     model, original = micro(0), micro(1)
     with torch.no_grad():
-        model.clip.logit_scale.fill_(math.log(300.0))  # above the clamp of 100
+        model.clip.logit_scale.fill_(math.log(300.0))
     x, y = batch()
-    adv = (x + 0.03 * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    return model, original, x, y, (x + 0.03 * torch.sign(torch.randn_like(x))).clamp(0, 1)
+
+
+
+@pytest.mark.parametrize("options", [{}, {"alpha": 0.5, "beta": 2.0, "distance": "cos"}, {"distance": "l1"}])
+def test_tga_zsr_loss_is_its_formula(options):
+    model, original, x, y, adv = formula_case()
     d = create_defense("tga_zsr", model, ctx(original, options=options))
     d.image_adversary = Fixed(adv)
     out = d.loss(model, x, y)
@@ -221,11 +228,7 @@ def hand_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.
 
 @pytest.mark.parametrize("options", [{}, {"anchor_image": 0.3, "anchor_text": 2.0}, {"anchor_image": 0, "anchor_text": 0}])
 def test_anchored_mmcoa_loss_is_its_formula(options):
-    model, original = micro(0), micro(1)
-    with torch.no_grad():
-        model.clip.logit_scale.fill_(math.log(300.0))  # above the clamp of 100
-    x, y = batch()
-    adv_x = (x + 0.03 * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    model, original, x, y, adv_x = formula_case()
     t = captions_of(y)
     adv_t = [c.replace("photo", "phot") for c in t]
     d = create_defense("mmcoa_anchor", model, ctx(original, options=options))
