@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import cache
 from pathlib import Path
 
 import yaml
 
+from mmcoa.report.format import budget
 from mmcoa.stats import holm
 from readme_block import write_block
 from studylib import cell_text, evaluate, finetune, outcomes, pooled_test, t_interval
@@ -35,6 +37,7 @@ IMAGE_DEFENSES = ["tecoa", "fare", "mmcoa"]
 TRANSFER = "fare"        # the clean-accuracy reference on the held-out set
 
 
+@cache
 def pipeline_methods() -> list[str]:
     return yaml.safe_load(Path("params.yaml").read_text())["finetune"]["methods"]
 
@@ -61,12 +64,7 @@ def trained_text(model: Path) -> str:
     """What the text tower trained against, from the training record (none for an image-only defense)."""
     record = json.loads((model / "finetune.json").read_text()).get("text_attack")
     specs = record.get("components", [record]) if record else []
-
-    def one(r: dict) -> str:
-        if r["attack"] == "word":
-            return f"word ({r['candidates']}, {r['word_budget']} of {r['k']})"
-        return f"char ({r['char_budget']})" if r["attack"] == "char" else r["attack"]
-    return " + ".join(one(r) for r in specs) or "none"
+    return " + ".join(budget(r, "text") for r in specs) or "none"
 
 
 def accuracy(out: Path, method: str, seeds: list[int], dataset: str, column: str) -> list[float]:
