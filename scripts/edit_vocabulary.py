@@ -36,8 +36,18 @@ def neighbourhood(attack, classnames: list[str], template: str) -> dict[str, lis
     return {template.format(c=c): attack.neighbourhood(template.format(c=c), protected=[c]) for c in classnames}
 
 
-def share(edited: list[str], tokenizer, known: set[int]) -> float:
-    return sum(bool(tokens(tokenizer, t) - known) for t in edited) / max(1, len(edited))
+def share(edited: list[set[int]], known: set[int]) -> float:
+    """The fraction of tokenized texts that hold a token outside ``known``."""
+    return sum(bool(t - known) for t in edited) / max(1, len(edited))
+
+
+def _result(dataset: str) -> dict:
+    """The base's evaluation record on ``dataset``: its class names and the template it used."""
+    return json.loads((Path("evals/base") / dataset / "result.json").read_text())
+
+
+def _classnames(dataset: str) -> list[str]:
+    return _result(dataset)["classnames"]
 
 
 def main() -> None:
@@ -54,25 +64,25 @@ def main() -> None:
     attack = create_attack("char", char_budget=1, max_candidates=None)
     sets = {}
     for name in p["evaluate"]["datasets"]:  # the classification sets, with the template their evaluation used
-        result = json.loads((Path("evals/base") / name / "result.json").read_text())
+        result = _result(name)
         if result.get("task", "classification") == "classification":
             sets[name] = neighbourhood(attack, result["classnames"], result["template"])
     ft = p["data"]["dataset"]  # fine-tuning's prompts: finetune.template, else the set's first (the evaluation's)
-    ft_result = json.loads((Path("evals/base") / ft / "result.json").read_text())
-    finetune = neighbourhood(attack, ft_result["classnames"], p["finetune"].get("template") or ft_result["template"])
+    template = p["finetune"].get("template")
+    finetune = neighbourhood(attack, _classnames(ft), template) if template else sets[ft]
     reachable = pretrained.union(*(tokens(tokenizer, t) for edits in finetune.values() for t in [*finetune, *edits]))
     rows = []
     for name, prompts in sets.items():
-        edited = [t for edits in prompts.values() for t in edits]
+        edited = [tokens(tokenizer, t) for edits in prompts.values() for t in edits]  # each text tokenized once
         rows.append(f"| {name}{' (fine-tuning)' if name == ft else ''} | {next(iter(prompts))} | {len(edited)} | "
-                    f"{100 * share(edited, tokenizer, pretrained):.0f}% | {100 * share(edited, tokenizer, reachable):.0f}% |")
+                    f"{100 * share(edited, pretrained):.0f}% | {100 * share(edited, reachable):.0f}% |")
     table = ["| set | a prompt | one-edit prompts | with a token unseen in pre-training | with a token fine-tuning's edits never make |",
              "|---|---|---:|---:|---:|", *rows]
     about = (f"The base's pre-training captions hold {len(pretrained)} distinct tokens of "
              f"{len(tokenizer.encoder):,} (its vocabulary); no gradient of pre-training ever reached "
              "the embedding of a token outside them. Of every prompt one character edit away (the suite's `char` attack, class names "
              "protected, all candidates):")
-    text = "\n".join([f"# Character edits and the trained vocabulary", "", about, "", *table, ""]) + "\n"
+    text = "\n".join(["# Character edits and the trained vocabulary", "", about, "", *table, ""]) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vocabulary.md").write_text(text)
     if args.readme:
